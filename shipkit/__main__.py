@@ -1,0 +1,3 @@
+from shipkit.cli import main
+
+main()

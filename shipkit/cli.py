@@ -1,0 +1,73 @@
+"""The click CLI: a thin layer that parses options, calls one stage function, prints its
+result and maps `ShipkitError` to exit codes (0 ok, 1 a check failed, 2 usage/input error)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from shipkit import __version__
+from shipkit.errors import EXIT_USAGE, ShipkitError
+
+
+class ShipkitGroup(click.Group):
+    """Turns our exceptions (and any other) into one line on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ShipkitError as error:
+            _fail(ctx, str(error), error.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted", 130)
+        except Exception as error:  # a bug of ours: still one line unless --debug
+            _fail(ctx, f"internal error: {type(error).__name__}: {error}", EXIT_USAGE)
+
+
+def _fail(ctx: click.Context, message: str, exit_code: int) -> None:
+    if ctx.obj and ctx.obj.get("debug"):
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    ctx.exit(exit_code)
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """Print `result` as JSON (for machines) or through `render` (for people)."""
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(render(result))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+@click.group(cls=ShipkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shipkit")
+@click.option("--debug", is_flag=True, help="Show the Python traceback on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """shipkit: train, checkpoint, export, quantize, parity-gate, card and push a code LM."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register_commands() -> None:
+    """Each stage keeps its click commands in `shipkit/commands/<stage>.py`."""
+    from shipkit.commands import register_all
+
+    register_all(main)
+
+
+_register_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())
