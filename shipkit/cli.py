@@ -3,11 +3,8 @@ result and maps `ShipkitError` to exit codes (0 ok, 1 a check failed, 2 usage/in
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -37,17 +34,6 @@ def _fail(ctx: click.Context, message: str, exit_code: int) -> None:
         traceback.print_exc()
     click.echo(f"error: {message}", err=True)
     ctx.exit(exit_code)
-
-
-def emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    """Print `result` as JSON (for machines) or through `render` (for people)."""
-    if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
-    else:
-        click.echo(render(result))
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
 @click.group(cls=ShipkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,84 @@
+"""`shipkit validate`, `shipkit inspect`, `shipkit convert`: the APR checkpoint commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from shipkit.apr import AprIndex, ValidationReport, inspect_apr, validate_apr
+from shipkit.apr.convert import convert_checkpoint
+from shipkit.commands.common import emit, json_option
+from shipkit.errors import IntegrityError
+
+GIB = 1 << 30
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--expect-tensors", type=click.IntRange(min=0), default=None,
+              help="Fail unless the file holds exactly this many tensors.")
+@json_option
+def validate(file: Path, expect_tensors: int | None, as_json: bool) -> None:
+    """Check every byte of an APR checkpoint; exit 1 and name each defect if any."""
+    report = validate_apr(file, expect_tensors=expect_tensors)
+    emit(report.to_dict(), as_json, lambda _: _render_report(report))
+    if not report.ok:
+        raise IntegrityError(f"{file.name}: {len(report.problems)} problem(s), checksum INVALID")
+
+
+def _render_report(report: ValidationReport) -> str:
+    name = report.path.name
+    if report.ok:
+        return (f"{name}: APR v{report.version} / {report.tensor_count} tensors / "
+                f"{report.nbytes / GIB:.2f} GiB / checksum VALID")
+    return "\n".join(f"{name}: {problem}" for problem in report.problems)
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option
+def inspect(file: Path, as_json: bool) -> None:
+    """Show an APR checkpoint's metadata and tensor table (name, dtype, shape, bytes)."""
+    index = inspect_apr(file)
+    result = {
+        "path": str(index.path),
+        "version": index.version,
+        "file_size": index.file_size,
+        "root_digest": f"{index.root_digest:016x}",
+        "metadata": index.metadata,
+        "tensors": [
+            {"name": info.name, "dtype": info.dtype, "shape": list(info.shape),
+             "nbytes": info.nbytes}
+            for info in index.tensors
+        ],
+    }
+    emit(result, as_json, lambda _: _render_index(index))
+
+
+def _render_index(index: AprIndex) -> str:
+    lines = [f"{index.path.name}: APR v{index.version} / {len(index.tensors)} tensors / "
+             f"{index.file_size} bytes / root digest {index.root_digest:016x}"]
+    for key, value in sorted(index.metadata.items()):
+        lines.append(f"  {key}: {json.dumps(value, sort_keys=True)}")
+    width = max((len(info.name) for info in index.tensors), default=4)
+    lines.append(f"  {'name':<{width}}  {'dtype':<5}  {'shape':<20}  bytes")
+    for info in index.tensors:
+        shape = "x".join(map(str, info.shape)) or "scalar"
+        lines.append(f"  {info.name:<{width}}  {info.dtype:<5}  {shape:<20}  {info.nbytes}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="JSON ModelConfig to store in the APR metadata (safetensors has none).")
+def convert(source: Path, destination: Path, config_path: Path | None) -> None:
+    """Convert between safetensors and APR, by file extension (.safetensors / .apr)."""
+    count = convert_checkpoint(source, destination, config_path=config_path)
+    click.echo(f"{source.name} -> {destination.name}: {count} tensors")
+
+
+commands = [validate, inspect, convert]

@@ -1,0 +1,40 @@
+"""`shipkit import`: an existing HF checkpoint folder → APR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from shipkit.commands.common import emit, json_option
+
+
+@click.command("import")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .apr file to write; tokenizer.json is copied beside it.")
+@click.option("--base-model", help="Upstream repo id for the card (default: the folder name).")
+@click.option("--license", "license_", help="Upstream license (default: from the folder's README).")
+@json_option
+def import_command(
+    hf_dir: Path, out_path: Path, base_model: str | None, license_: str | None, as_json: bool
+) -> None:
+    """Import a Llama or Qwen2 safetensors checkpoint folder as an APR file."""
+    from shipkit.hf_import import import_hf
+
+    report = import_hf(hf_dir, out_path, base_model=base_model, license=license_)
+    result = {
+        "apr": str(report.apr_path),
+        "tokenizer": str(report.tokenizer_path),
+        "architecture": report.architecture,
+        "tensors": report.tensor_count,
+        "parameters": report.parameters,
+        "source": report.source,
+    }
+    emit(result, as_json, lambda r: (
+        f"{r['apr']}: {r['architecture']} / {r['tensors']} tensors / {r['parameters']:,} parameters "
+        f"(from {r['source']['base_model']}, license {r['source']['license']})"
+    ))
+
+
+commands = [import_command]

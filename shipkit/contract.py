@@ -1,0 +1,192 @@
+"""The per-model contract: the thresholds each release gate enforces, each with its reason.
+
+A contract is a TOML file (`docs/contracts.md`). shipkit ships one default,
+`shipkit/contracts/default.toml`; a model's own file replaces the default's sections that it
+contains (a whole top-level table at a time) and inherits the others. Only the `[parity]`
+section exists so far; each gate owns one section.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from shipkit.errors import InputError
+
+DEFAULT_CONTRACT = "default.toml"
+ENGINES = ("torch", "llama.cpp")
+
+# The metrics a contract may put a threshold on, per table; `shipkit.parity` produces exactly
+# these names (docs/parity.md defines each).
+PARITY_METRICS = (
+    "kl_mean",
+    "kl_p99",
+    "kl_max",
+    "same_top_pct",
+    "ppl_ratio",
+    "rms_dp_pct",
+    "max_abs_dp_pct",
+    "hidden_cosine_min",
+)
+AGREEMENT_METRICS = ("top1_pct", "kl_mean", "kl_max")
+TENSOR_METRICS = ("rel_rmse",)
+SECTIONS = ("contract", "parity")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """`value <= limit` (direction "max") or `value >= limit` ("min"); a missing or
+    non-finite value never passes."""
+
+    limit: float
+    direction: str
+    reason: str
+
+    def passes(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return value <= self.limit if self.direction == "max" else value >= self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"limit": self.limit, "direction": self.direction, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SizeBand:
+    """Thresholds loosened for models of at most `max_parameters` stored parameters."""
+
+    name: str
+    max_parameters: int
+    reason: str
+    thresholds: dict[str, Threshold]
+
+
+@dataclass(frozen=True)
+class ParityContract:
+    """`[parity]`: what `shipkit parity` must see for the gate to pass."""
+
+    reference: str
+    required_engines: tuple[str, ...]
+    thresholds: dict[str, Threshold]
+    size_bands: tuple[SizeBand, ...] = ()
+    agreement: dict[str, Threshold] = field(default_factory=dict)
+    tensors: dict[str, Threshold] = field(default_factory=dict)
+
+    def thresholds_for(self, parameters: int) -> tuple[str, dict[str, Threshold]]:
+        """The band that applies to a model of `parameters` (the smallest band holding it,
+        else "reference") and its thresholds: the reference ones with the band's overrides."""
+        for band in sorted(self.size_bands, key=lambda b: b.max_parameters):
+            if parameters <= band.max_parameters:
+                return band.name, {**self.thresholds, **band.thresholds}
+        return "reference", dict(self.thresholds)
+
+
+@dataclass(frozen=True)
+class Contract:
+    name: str
+    source: str  # the file(s) it was read from
+    parity: ParityContract
+
+
+def load_contract(path: str | Path | None = None) -> Contract:
+    """The packaged default contract, or `path`'s sections over it.
+
+    Raises InputError naming the file and field when the TOML is malformed, a table is
+    unknown, or a threshold lacks its limit or reason.
+    """
+    default_text = resources.files("shipkit.contracts").joinpath(DEFAULT_CONTRACT).read_text()
+    tables = _parse_toml(default_text, f"shipkit/contracts/{DEFAULT_CONTRACT}")
+    source = f"shipkit/contracts/{DEFAULT_CONTRACT}"
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise InputError(f"{path}: cannot read the contract ({error.strerror})") from None
+        override = _parse_toml(text, str(path))
+        tables.update(override)
+        source = f"{path} (over {source})"
+    where = str(path) if path is not None else source
+    name = _table(tables, "contract", where).get("name", "unnamed")
+    return Contract(name=str(name), source=source, parity=_parse_parity(_table(tables, "parity", where), where))
+
+
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise InputError(f"{where}: not valid TOML ({error})") from None
+    unknown = sorted(set(tables) - set(SECTIONS))
+    if unknown:
+        raise InputError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    return tables
+
+
+def _table(tables: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = tables.get(key, {})
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: field {key}: expected a table")
+    return value
+
+
+def _parse_parity(table: dict[str, Any], where: str) -> ParityContract:
+    known = {"reference", "required_engines", "thresholds", "size_bands", "agreement", "tensors"}
+    _reject_unknown(table, known, f"{where}: [parity]")
+    engines = tuple(table.get("required_engines", ENGINES))
+    bad = [engine for engine in engines if engine not in ENGINES]
+    if bad:
+        raise InputError(f"{where}: field parity.required_engines: unknown engine(s) {bad} (known: {list(ENGINES)})")
+    bands = []
+    for index, band in enumerate(table.get("size_bands", [])):
+        label = f"parity.size_bands[{index}]"
+        _reject_unknown(band, {"name", "max_parameters", "reason", "thresholds"}, f"{where}: [{label}]")
+        for key in ("name", "max_parameters", "reason"):
+            if key not in band:
+                raise InputError(f"{where}: field {label}.{key}: missing")
+        bands.append(
+            SizeBand(
+                name=str(band["name"]),
+                max_parameters=int(band["max_parameters"]),
+                reason=str(band["reason"]),
+                thresholds=_thresholds(band.get("thresholds", {}), PARITY_METRICS, f"{label}.thresholds", where),
+            )
+        )
+    return ParityContract(
+        reference=str(table.get("reference", "")),
+        required_engines=engines,
+        thresholds=_thresholds(table.get("thresholds", {}), PARITY_METRICS, "parity.thresholds", where),
+        size_bands=tuple(bands),
+        agreement=_thresholds(table.get("agreement", {}), AGREEMENT_METRICS, "parity.agreement", where),
+        tensors=_thresholds(table.get("tensors", {}), TENSOR_METRICS, "parity.tensors", where),
+    )
+
+
+def _thresholds(table: dict[str, Any], metrics: tuple[str, ...], label: str, where: str) -> dict[str, Threshold]:
+    thresholds = {}
+    for metric, entry in table.items():
+        field_name = f"{label}.{metric}"
+        if metric not in metrics:
+            raise InputError(f"{where}: field {field_name}: unknown metric (known: {', '.join(metrics)})")
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: field {field_name}: expected a table with max or min, and reason")
+        _reject_unknown(entry, {"max", "min", "reason"}, f"{where}: field {field_name}")
+        directions = [direction for direction in ("max", "min") if direction in entry]
+        if len(directions) != 1:
+            raise InputError(f"{where}: field {field_name}: give exactly one of max or min")
+        if not str(entry.get("reason", "")).strip():
+            raise InputError(f"{where}: field {field_name}.reason: every threshold needs a reason")
+        limit = entry[directions[0]]
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise InputError(f"{where}: field {field_name}.{directions[0]}: expected a number")
+        thresholds[metric] = Threshold(limit=float(limit), direction=directions[0], reason=str(entry["reason"]))
+    return thresholds
+
+
+def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")

@@ -1,0 +1,81 @@
+"""HF <-> GGUF tensor names and llama.cpp's Q/K row order (constants and pure functions)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from shipkit.model import ModelConfig
+
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+_LAYER_NAMES_BACK = {gguf: hf for hf, gguf in LAYER_NAMES.items()}
+_GLOBAL_NAMES_BACK = {gguf: hf for hf, gguf in GLOBAL_NAMES.items()}
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """GGUF name of an HF tensor name, None if it has none."""
+    if hf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[hf_name]
+    match = _HF_LAYER.match(hf_name)
+    if match and match.group(2) in LAYER_NAMES:
+        return f"blk.{match.group(1)}.{LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def hf_name(gguf_tensor_name: str) -> str | None:
+    if gguf_tensor_name in _GLOBAL_NAMES_BACK:
+        return _GLOBAL_NAMES_BACK[gguf_tensor_name]
+    match = _GGUF_LAYER.match(gguf_tensor_name)
+    if match and match.group(2) in _LAYER_NAMES_BACK:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES_BACK[match.group(2)]}"
+    return None
+
+
+def rope_heads(hf_tensor_name: str, config: ModelConfig) -> int | None:
+    """Heads to permute for llama.cpp's interleaved RoPE: Q and K of arch llama only.
+
+    HF rotates halves of each head (dims i and i+hs/2 pair up); llama.cpp's llama rotates
+    adjacent pairs (2i, 2i+1). qwen2 uses llama.cpp's NEOX RoPE, which is HF's layout.
+    """
+    if config.architecture != "llama":
+        return None
+    if hf_tensor_name.endswith("self_attn.q_proj.weight"):
+        return config.num_attention_heads
+    if hf_tensor_name.endswith("self_attn.k_proj.weight"):
+        return config.num_key_value_heads
+    return None
+
+
+def to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head from (half, pair) order to (pair, half): HF -> llama.cpp."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def from_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `to_interleaved`: llama.cpp -> HF."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))

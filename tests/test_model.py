@@ -1,0 +1,90 @@
+"""The decoder: HF-compatible names and logits, parameter and FLOP counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count
+
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def _hf_model(config: ModelConfig):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_transformers_llama_within_1e_4(tied: bool) -> None:
+    config = ModelConfig(**SMALL, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    ours = CausalLM(config).eval()
+    hf = _hf_model(config)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    tokens = torch.randint(0, config.vocab_size, (2, 33))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_state_dict_names_equal_transformers_llama() -> None:
+    config = ModelConfig(**SMALL)
+    assert set(CausalLM(config).state_dict()) == set(_hf_model(config).state_dict())
+
+
+def test_weights_count_equals_expected_tensor_count() -> None:
+    for tied in (False, True):
+        config = ModelConfig(**SMALL, tie_word_embeddings=tied)
+        assert len(CausalLM(config).weights()) == config.expected_tensor_count()
+
+
+def test_parameter_count_equals_stored_elements() -> None:
+    for tied in (False, True):
+        config = ModelConfig(**SMALL, tie_word_embeddings=tied)
+        stored = sum(tensor.numel() for tensor in CausalLM(config).weights().values())
+        assert parameter_count(config) == stored
+
+
+def test_model2_shape_has_about_370m_parameters() -> None:
+    assert 3.5e8 < parameter_count(ModelConfig()) < 3.9e8
+
+
+def test_flops_per_token_adds_attention_term_linear_in_seq_len() -> None:
+    config = ModelConfig(**SMALL)
+    per_position = 12 * config.num_hidden_layers * config.hidden_size
+    assert flops_per_token(config, 65) - flops_per_token(config, 64) == per_position
+
+
+def test_hidden_states_last_layer_feeds_logits() -> None:
+    config = ModelConfig(**SMALL)
+    torch.manual_seed(0)
+    model = CausalLM(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, 9))
+    with torch.no_grad():
+        states = model.hidden_states(tokens)
+        logits = model.lm_head(model.model.norm(states[-1]))
+        assert len(states) == config.num_hidden_layers + 1
+        assert torch.equal(logits, model(tokens))

@@ -1,0 +1,70 @@
+"""`shipkit compare`: runs side by side with their verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from shipkit.cli import main
+from shipkit.compare import compare_runs
+from shipkit.evidence import read_evidence
+from shipkit.presets import apply_overrides, get_preset
+from shipkit.train import train
+
+SHORT_RUN = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "seq_len": 16,
+    "batch_size": 2,
+    "num_steps": 2,
+    "steps_per_epoch": 1,
+    "warmup_steps": 1,
+    "val_tokens": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def short_run_dir(tiny_tokens_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("compare") / "short"
+    train(apply_overrides(get_preset("tiny"), SHORT_RUN), tiny_tokens_dir, run_dir, device="cpu", progress=False)
+    return run_dir
+
+
+def test_compare_returns_each_runs_epochs_and_verdicts(tiny_run_dir: Path, short_run_dir: Path) -> None:
+    result = compare_runs([tiny_run_dir, short_run_dir])
+    tiny, short = result["runs"]
+    assert (len(tiny["epochs"]), len(short["epochs"])) == (3, 2)
+    evidence = read_evidence(tiny_run_dir, "training-summary")
+    assert tiny["epochs"][2]["val_loss"] == evidence["epochs"][2]["val_loss"]
+    assert tiny["memorization"] == evidence["summary"]["memorization"]
+    assert set(tiny["epochs"][0]) == {"epoch", "train_loss", "val_loss", "gap", "wraps"}
+
+
+def test_compare_table_has_a_row_per_epoch_and_a_verdict_line_per_run(tiny_run_dir: Path, short_run_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", str(tiny_run_dir), str(short_run_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["epoch", *["train", "val", "gap", "wraps"] * 2]
+    assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]
+    assert len(lines[4].split()) == 1 + 4  # the short run has no third epoch
+    verdict_lines = [line for line in lines if line.startswith(("run:", "short:"))]
+    assert len(verdict_lines) == 2
+    tiny_verdict = read_evidence(tiny_run_dir, "training-summary")["summary"]["memorization"]["verdict"]
+    assert verdict_lines[0].startswith(f"run: {tiny_verdict}")
+
+
+def test_compare_json_is_machine_readable(tiny_run_dir: Path, short_run_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", str(tiny_run_dir), str(short_run_dir), "--json"])
+    assert [run["run_dir"] for run in json.loads(result.output)["runs"]] == [str(tiny_run_dir), str(short_run_dir)]
+
+
+def test_compare_of_a_folder_without_evidence_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "evidence file not found" in result.output
