@@ -2,8 +2,8 @@
 
 A contract is a TOML file (`docs/contracts.md`). shipkit ships one default,
 `shipkit/contracts/default.toml`; a model's own file replaces the default's sections that it
-contains (a whole top-level table at a time) and inherits the others. Only the `[parity]`
-section exists so far; each gate owns one section.
+contains (a whole top-level table at a time) and inherits the others. `[parity]` is read by
+`shipkit parity`; `[train]`, `[model]`, `[card]` and `[release]` by `shipkit gates`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ PARITY_METRICS = (
 )
 AGREEMENT_METRICS = ("top1_pct", "kl_mean", "kl_max")
 TENSOR_METRICS = ("rel_rmse",)
-SECTIONS = ("contract", "parity")
+# `best_val_loss_vs_uniform` is best_val_loss / ln(vocab_size): 1.0 is a uniform guess.
+TRAIN_METRICS = ("best_val_loss", "final_val_loss", "best_val_loss_vs_uniform", "wraps")
+SECTIONS = ("contract", "parity", "train", "model", "card", "release")
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,66 @@ class ParityContract:
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """A required value (a list of allowed names, a count) and why."""
+
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class Band:
+    """`minimum <= value <= maximum`."""
+
+    minimum: float
+    maximum: float
+    reason: str
+
+    def holds(self, value: float | None) -> bool:
+        return value is not None and self.minimum <= value <= self.maximum
+
+
+@dataclass(frozen=True)
+class TrainContract:
+    """`[train]`: thresholds on the training summary (metrics in TRAIN_METRICS)."""
+
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """`[model]`: what the released checkpoint must be."""
+
+    parameters: Band | None = None
+    architectures: Expectation | None = None  # value: tuple of allowed architectures
+    tensor_count: Expectation | None = None  # value: int, checked besides the config's own count
+
+
+@dataclass(frozen=True)
+class CardContract:
+    """`[card]`: front-matter keys the safetensors card must carry."""
+
+    required_fields: Expectation | None = None  # value: tuple of keys
+
+
+@dataclass(frozen=True)
+class ReleaseContract:
+    """`[release]`: what the release folder must hold."""
+
+    licenses: Expectation | None = None  # value: tuple of allowed license ids; None allows any
+    quants: Expectation | None = None  # value: tuple of GGUF file types, e.g. ("Q4_K_M",)
+    hf_files: Expectation | None = None  # value: tuple of file names in release/hf
+
+
+@dataclass(frozen=True)
 class Contract:
     name: str
     source: str  # the file(s) it was read from
     parity: ParityContract
+    train: TrainContract
+    model: ModelContract
+    card: CardContract
+    release: ReleaseContract
 
 
 def load_contract(path: str | Path | None = None) -> Contract:
@@ -112,7 +170,15 @@ def load_contract(path: str | Path | None = None) -> Contract:
         source = f"{path} (over {source})"
     where = str(path) if path is not None else source
     name = _table(tables, "contract", where).get("name", "unnamed")
-    return Contract(name=str(name), source=source, parity=_parse_parity(_table(tables, "parity", where), where))
+    return Contract(
+        name=str(name),
+        source=source,
+        parity=_parse_parity(_table(tables, "parity", where), where),
+        train=_parse_train(_table(tables, "train", where), where),
+        model=_parse_model(_table(tables, "model", where), where),
+        card=_parse_card(_table(tables, "card", where), where),
+        release=_parse_release(_table(tables, "release", where), where),
+    )
 
 
 def _parse_toml(text: str, where: str) -> dict[str, Any]:
@@ -163,6 +229,73 @@ def _parse_parity(table: dict[str, Any], where: str) -> ParityContract:
         agreement=_thresholds(table.get("agreement", {}), AGREEMENT_METRICS, "parity.agreement", where),
         tensors=_thresholds(table.get("tensors", {}), TENSOR_METRICS, "parity.tensors", where),
     )
+
+
+def _parse_train(table: dict[str, Any], where: str) -> TrainContract:
+    _reject_unknown(table, {"thresholds"}, f"{where}: [train]")
+    return TrainContract(thresholds=_thresholds(table.get("thresholds", {}), TRAIN_METRICS, "train.thresholds", where))
+
+
+def _parse_model(table: dict[str, Any], where: str) -> ModelContract:
+    _reject_unknown(table, {"parameters", "architectures", "tensor_count"}, f"{where}: [model]")
+    parameters = None
+    if "parameters" in table:
+        entry = _entry(table["parameters"], {"min", "max", "reason"}, "model.parameters", where)
+        limits = [_number(entry, key, "model.parameters", where) for key in ("min", "max")]
+        if limits[0] > limits[1]:
+            raise InputError(f"{where}: field model.parameters: min {limits[0]:g} exceeds max {limits[1]:g}")
+        parameters = Band(minimum=limits[0], maximum=limits[1], reason=str(entry["reason"]))
+    tensor_count = _expectation(table, "tensor_count", "model", where, int)
+    if tensor_count is not None and tensor_count.value < 1:
+        raise InputError(f"{where}: field model.tensor_count.value: must be at least 1")
+    return ModelContract(
+        parameters=parameters,
+        architectures=_expectation(table, "architectures", "model", where, list),
+        tensor_count=tensor_count,
+    )
+
+
+def _parse_card(table: dict[str, Any], where: str) -> CardContract:
+    _reject_unknown(table, {"required_fields"}, f"{where}: [card]")
+    return CardContract(required_fields=_expectation(table, "required_fields", "card", where, list))
+
+
+def _parse_release(table: dict[str, Any], where: str) -> ReleaseContract:
+    _reject_unknown(table, {"licenses", "quants", "hf_files"}, f"{where}: [release]")
+    return ReleaseContract(**{key: _expectation(table, key, "release", where, list)
+                              for key in ("licenses", "quants", "hf_files")})
+
+
+def _expectation(table: dict[str, Any], key: str, section: str, where: str, kind: type) -> Expectation | None:
+    """`key = {value = ..., reason = "..."}`; lists become tuples of strings."""
+    if key not in table:
+        return None
+    label = f"{section}.{key}"
+    entry = _entry(table[key], {"value", "reason"}, label, where)
+    value = entry.get("value")
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise InputError(f"{where}: field {label}.value: expected a list of names")
+        return Expectation(value=tuple(value), reason=str(entry["reason"]))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{where}: field {label}.value: expected an integer")
+    return Expectation(value=value, reason=str(entry["reason"]))
+
+
+def _entry(entry: Any, known: set[str], label: str, where: str) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: field {label}: expected a table with {', '.join(sorted(known))}")
+    _reject_unknown(entry, known, f"{where}: field {label}")
+    if not str(entry.get("reason", "")).strip():
+        raise InputError(f"{where}: field {label}.reason: every expectation needs a reason")
+    return entry
+
+
+def _number(entry: dict[str, Any], key: str, label: str, where: str) -> float:
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where}: field {label}.{key}: expected a number")
+    return float(value)
 
 
 def _thresholds(table: dict[str, Any], metrics: tuple[str, ...], label: str, where: str) -> dict[str, Threshold]:

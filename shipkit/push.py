@@ -1,7 +1,7 @@
 """Push a release to the Hugging Face Hub: the safetensors repo and the GGUF repo, one commit each.
 
-Before anything leaves the machine the release is checked: the parity gate passed (or is waived),
-the checkpoint validates, and every file still has the size and sha256 recorded in
+Before anything leaves the machine the release is checked: the parity gate and the `shipkit gates`
+scoreboard passed (or are waived), the checkpoint validates, and every file still has the size and sha256 recorded in
 `evidence/release.json`. After the commits the remote tree is listed and every file's size and
 sha256 (the LFS oid; the git blob id for small files) is compared with the local bytes.
 
@@ -32,7 +32,8 @@ from shipkit.release import (
     repo_entry,
 )
 
-PARITY_PASS = "PASS"  # evidence/parity.json `verdict` of a passed gate (docs/evidence.md)
+PASS = "PASS"  # the `verdict` of evidence/parity.json and evidence/gates.json when they pass
+MISSING = "MISSING"
 ROLES = ("hf", "gguf")
 
 
@@ -87,7 +88,7 @@ class PushReport:
 
 def push_release(
     run_dir: str | Path,
-    repo: str,
+    repo: str | None = None,
     *,
     gguf_repo: str | None = None,
     private: bool = False,
@@ -98,8 +99,10 @@ def push_release(
 ) -> PushReport:
     """Check the release of `run_dir`, then (unless `dry_run`) push and verify it.
 
-    `repo` / `gguf_repo` must be the repos the card was rendered for (`shipkit card --repo`).
-    Raises GateFailed when the parity gate did not pass and `allow_failed_gates` is False,
+    `repo` / `gguf_repo` must be the repos the card was rendered for (`shipkit card --repo`);
+    None means exactly those.
+    Raises GateFailed when the parity gate (evidence/parity.json) or the gates scoreboard
+    (evidence/gates.json) did not pass or is missing and `allow_failed_gates` is False,
     IntegrityError when the checkpoint or a release file fails its check, InputError for a
     missing release or a repo the card does not name, HubError for a missing or rejected token,
     a refused request or an interrupted upload (re-running resumes: uploaded objects are kept),
@@ -109,7 +112,10 @@ def push_release(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     plans = _plan(run_dir, manifest, repo, gguf_repo)
-    gates = {"parity": _parity_verdict(run_dir), "checkpoint": _checkpoint_verdict(run_dir, manifest)}
+    parity, scoreboard = _evidence_or_none(run_dir, "parity"), _evidence_or_none(run_dir, "gates")
+    gates = {"checkpoint": _checkpoint_verdict(run_dir, manifest),
+             "parity": parity["verdict"] if parity else MISSING,
+             "scoreboard": f"{scoreboard['verdict']} ({scoreboard['summary']})" if scoreboard else MISSING}
     evidence_sha256 = sha256_file(evidence_path(run_dir, RELEASE_EVIDENCE))
     report = PushReport(
         run_id=manifest["run_id"],
@@ -125,13 +131,16 @@ def push_release(
     if gates["checkpoint"] != "VALID":
         report.refusals.append(IntegrityError(
             f"{manifest['checkpoint']['path']}: {gates['checkpoint']}; refusing to push"))
-    if gates["parity"] != PARITY_PASS:
+    for name, evidence, passed in (("parity", "parity", parity is not None and parity["verdict"] == PASS),
+                                   ("scoreboard", "gates", scoreboard is not None and scoreboard["verdict"] == PASS)):
+        if passed:
+            continue
         if allow_failed_gates:
-            report.waived.append("parity")
+            report.waived.append(name)
         else:
             report.refusals.append(GateFailed(
-                f"parity gate: {gates['parity']} (evidence/parity.json); refusing to push "
-                "(--allow-failed-gates releases it anyway, and the card states the waiver)"))
+                f"{name} gate: {gates[name]} (evidence/{evidence}.json); refusing to push "
+                "(--allow-failed-gates releases it anyway)"))
     if dry_run:
         return report
     if report.refusals:
@@ -140,7 +149,7 @@ def push_release(
     return report
 
 
-def _plan(run_dir: Path, manifest: dict[str, Any], repo: str, gguf_repo: str | None) -> list[RepoPlan]:
+def _plan(run_dir: Path, manifest: dict[str, Any], repo: str | None, gguf_repo: str | None) -> list[RepoPlan]:
     wanted = {"hf": repo, "gguf": gguf_repo}
     plans = []
     for role in ROLES:
@@ -171,16 +180,14 @@ def _check_unchanged(run_dir: Path, release_file: ReleaseFile) -> None:
                              "evidence/release.json); re-run `shipkit card`")
 
 
-def _parity_verdict(run_dir: Path) -> str:
-    if not evidence_path(run_dir, "parity").is_file():
-        return "MISSING"
-    return str(read_evidence(run_dir, "parity")["verdict"])
+def _evidence_or_none(run_dir: Path, name: str) -> dict[str, Any] | None:
+    return read_evidence(run_dir, name) if evidence_path(run_dir, name).is_file() else None
 
 
 def _checkpoint_verdict(run_dir: Path, manifest: dict[str, Any]) -> str:
     path = run_dir / manifest["checkpoint"]["path"]
     if not path.is_file():
-        return "MISSING"
+        return MISSING
     report = validate_apr(path)
     if not report.ok:
         return f"INVALID ({report.problems[0]})"

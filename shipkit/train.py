@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ from shipkit.errors import InputError, TrainingError
 from shipkit.evidence import write_evidence
 from shipkit.fsutil import atomic_write, sha256_file, write_json
 from shipkit.model import CausalLM, flops_per_token, parameter_count
+from shipkit.predict import judge_predictions, record_predictions
 from shipkit.presets import TrainConfig, apply_overrides
 from shipkit.tokenize import read_manifest, read_tokens
 from shipkit.train_step import (
@@ -134,6 +136,7 @@ class RunState:
     best_val_loss: float | None = None
     best_epoch: int | None = None
     best_checkpoint: dict[str, Any] | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # recorded before step 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,6 +156,20 @@ def build_evidence(
     stop_message: str | None,
 ) -> dict[str, Any]:
     val_losses = [epoch["val_loss"] for epoch in state.epochs]
+    summary = {
+        "status": status,
+        "stop_reason": stop_reason,
+        "stop_message": stop_message,
+        "epochs_completed": len(state.epochs),
+        "steps_completed": state.step,
+        "final_val_loss": val_losses[-1] if val_losses else None,
+        "best_val_loss": state.best_val_loss,
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": state.best_checkpoint,
+        "convergence": convergence_status(val_losses, stop_reason),
+        "memorization": memorization_verdict(state.epochs, config.memorization_threshold),
+    }
+    finished = status != "running"
     return {
         "schema_version": 1,
         "run_id": state.run_id,
@@ -165,19 +182,8 @@ def build_evidence(
         "parameters": parameter_count(config.model),
         "hyperparameters": config.to_dict(),
         "epochs": state.epochs,
-        "summary": {
-            "status": status,
-            "stop_reason": stop_reason,
-            "stop_message": stop_message,
-            "epochs_completed": len(state.epochs),
-            "steps_completed": state.step,
-            "final_val_loss": val_losses[-1] if val_losses else None,
-            "best_val_loss": state.best_val_loss,
-            "best_epoch": state.best_epoch,
-            "best_checkpoint": state.best_checkpoint,
-            "convergence": convergence_status(val_losses, stop_reason),
-            "memorization": memorization_verdict(state.epochs, config.memorization_threshold),
-        },
+        "summary": summary,
+        "predictions": judge_predictions(state.predictions, summary) if finished else state.predictions,
     }
 
 
@@ -477,6 +483,8 @@ class Trainer:
                 placement.world_size,
                 cursor=self.state.cursor,
             )
+            if self.state.predictions and not self.state.epochs:
+                self.write_summary("running", None, None)  # the predictions, on file before step 1
             self._train_epochs(stream, val_windows)
         except EmptyStreamError as error:
             self.write_summary("stopped", "empty-stream", str(error))
@@ -639,13 +647,17 @@ def train(
     device: str = "auto",
     compile_model: bool = True,
     progress: bool = True,
+    predictions: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train a new model on `data_dir` into `run_dir`; returns the training evidence.
 
-    `config.model.vocab_size` is replaced by the tokenizer's vocabulary size. Raises
-    InputError for a bad folder or option, TrainingError when the run stops early (the
-    evidence, written first, says why).
+    `config.model.vocab_size` is replaced by the tokenizer's vocabulary size. `predictions`
+    (`"best_val_loss < 8.9"`, grammar in `shipkit.predict`) are recorded in the evidence before
+    the first step and judged when the run ends. Raises InputError for a bad folder, option or
+    prediction (before any training), TrainingError when the run stops early (the evidence,
+    written first, says why).
     """
+    recorded = record_predictions(predictions)
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     tokenizer_path = data_dir / TOKENIZER_FILE
     if not tokenizer_path.is_file():
@@ -662,7 +674,7 @@ def train(
         shared = [run_id]
         dist.broadcast_object_list(shared, src=0)
         run_id = shared[0]
-    state = RunState(run_id=run_id, date=now.isoformat().replace("+00:00", "Z"))
+    state = RunState(run_id=run_id, date=now.isoformat().replace("+00:00", "Z"), predictions=recorded)
     try:
         return Trainer(config, data_dir, run_dir, placement, compile_model, progress, state).run()
     finally:

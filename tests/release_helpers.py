@@ -63,9 +63,11 @@ def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int
     """A schema-valid evidence/parity.json for `quant_path`, its verdict following `kl_mean`
     against a 0.05 limit (the shape `shipkit parity` writes; numbers chosen by the test)."""
     from shipkit.apr import read_apr
+    from shipkit.contract import load_contract
     from shipkit.model import parameter_count
 
     checkpoint = read_apr(run_dir / "ckpt" / "best.apr")
+    contract = load_contract(None)
     checks = {
         "kl_mean": _check(kl_mean, 0.05, "max", "llama.cpp Q4_K_M KLD 0.031, loosened for a tiny model"),
         "same_top_pct": _check(93.5, 85.0, "min", "llama.cpp Q4_K_M same-top 91.9 %, loosened"),
@@ -88,7 +90,7 @@ def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int
         "model": checkpoint.config.to_dict(), "parameters": parameter_count(checkpoint.config),
         "tokens": {"tokens_dir": "tokens", "split": "val", "tokenizer_sha256": "0" * 64, "ctx": 64,
                    "windows": 8, "tokens_evaluated": 512, "positions_scored": 256},
-        "contract": {"name": "tiny", "source": "contracts/tiny.toml", "reference": "llama.cpp Q4_K_M",
+        "contract": {"name": contract.name, "source": contract.source, "reference": "llama.cpp Q4_K_M",
                      "band": "tiny", "band_reason": "under 10M parameters", "required_engines": ["torch"]},
         "engines": {"torch": engine},
         "agreement": {"verdict": "SKIPPED", "model": None, "metrics": None, "checks": {}, "side": None,
@@ -96,6 +98,16 @@ def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int
         "tensors": {"verdict": "PASS", "checks": {}, "worst": [{"name": "lm_head.weight", "rel_rmse": 0.01}],
                     "flagged": []},
     }
+
+
+def write_gates(run_dir: Path) -> dict:
+    """`shipkit gates` on a carded run: its scoreboard becomes evidence/gates.json."""
+    from shipkit.evidence import write_evidence
+    from shipkit.gates import evaluate_gates
+
+    scoreboard = evaluate_gates(run_dir)
+    write_evidence(run_dir, "gates", scoreboard)
+    return scoreboard
 
 
 def build_release_run(trained_run: Path, dest: Path, *, kl_mean: float = 0.012) -> Path:

@@ -70,7 +70,7 @@ def test_a_contract_file_without_parity_inherits_the_default_parity(tmp_path):
         ('[parity.thresholds.kl_mean]\nmax = "low"\nreason = "r"\n', "expected a number"),
         ('[parity]\nrequired_engines = ["onnx"]\n', "parity.required_engines"),
         ('[parity]\nthreshold = 1\n', "threshold"),
-        ('[release]\nx = 1\n', "unknown section"),
+        ('[vibes]\nx = 1\n', "unknown section"),
         ('[[parity.size_bands]]\nname = "s"\nreason = "r"\n', "size_bands[0].max_parameters"),
         ("[parity\n", "not valid TOML"),
     ],

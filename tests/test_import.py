@@ -8,61 +8,13 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from hf_helpers import save_tiny_hf_model
 
 from shipkit.apr import read_apr, validate_apr
 from shipkit.errors import InputError
 from shipkit.hf_import import import_hf
 from shipkit.model import CausalLM, ModelConfig
-
-transformers = pytest.importorskip("transformers")
-
-SAMPLE_CODE = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
-
-
-def _write_tokenizer(path) -> int:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator([SAMPLE_CODE], trainer)
-    tokenizer.save(str(path))
-    return tokenizer.get_vocab_size()
-
-
-def _save_tiny_hf_model(folder, family: str, hidden: int = 96, tied: bool = False, shard: str | None = None):
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = _write_tokenizer(folder / "tokenizer.json")
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tied,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    if family == "llama":
-        config = transformers.LlamaConfig(rms_norm_eps=1e-5, **common)
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.Qwen2Config(rms_norm_eps=1e-6, **common)
-        model = transformers.Qwen2ForCausalLM(config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.05)
-    kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(folder, **kwargs)
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
-    return model.eval()
 
 
 def _shipkit_logits(apr_path, ids):
@@ -75,7 +27,7 @@ def _shipkit_logits(apr_path, ids):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_import_gives_the_same_logits_as_transformers(tmp_path, family):
-    hf_model = _save_tiny_hf_model(tmp_path / "hf", family)
+    hf_model = save_tiny_hf_model(tmp_path / "hf", family)
     report = import_hf(tmp_path / "hf", tmp_path / "out" / "model.apr")
     ids = torch.randint(0, hf_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -85,7 +37,7 @@ def test_import_gives_the_same_logits_as_transformers(tmp_path, family):
 
 
 def test_import_reads_sharded_tied_checkpoint_and_validates(tmp_path):
-    _save_tiny_hf_model(tmp_path / "hf", "llama", tied=True, shard="100KB")
+    save_tiny_hf_model(tmp_path / "hf", "llama", tied=True, shard="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     report = import_hf(tmp_path / "hf", tmp_path / "out" / "model.apr")
     config = ModelConfig.from_dict(read_apr(report.apr_path).metadata["config"])
@@ -95,7 +47,7 @@ def test_import_reads_sharded_tied_checkpoint_and_validates(tmp_path):
 
 
 def test_import_records_upstream_license_and_base_model(tmp_path):
-    _save_tiny_hf_model(tmp_path / "tiny-upstream", "qwen2")
+    save_tiny_hf_model(tmp_path / "tiny-upstream", "qwen2")
     report = import_hf(tmp_path / "tiny-upstream", tmp_path / "out" / "model.apr")
     producer = read_apr(report.apr_path).metadata["producer"]
     assert producer["source"] == {"base_model": "tiny-upstream", "license": "apache-2.0", "model_type": "qwen2"}
@@ -103,7 +55,7 @@ def test_import_records_upstream_license_and_base_model(tmp_path):
 
 
 def test_import_rejects_unsupported_family_naming_the_field(tmp_path):
-    _save_tiny_hf_model(tmp_path / "hf", "llama")
+    save_tiny_hf_model(tmp_path / "hf", "llama")
     config_path = tmp_path / "hf" / "config.json"
     config = json.loads(config_path.read_text())
     config["model_type"] = "mistral"

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants as hf_constants
 
 from hubserver import HubServer
-from release_helpers import build_release_run
+from release_helpers import build_release_run, write_gates
 from shipkit.card import render_card
 from shipkit.cli import main
 from shipkit.errors import GateFailed, HubError, IntegrityError
@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def carded_template(tiny_run_dir, tmp_path_factory):
     run_dir = build_release_run(tiny_run_dir, tmp_path_factory.mktemp("push") / "run")
     render_card(run_dir, repo_id=REPO)
+    assert write_gates(run_dir)["verdict"] == "PASS"
     return run_dir
 
 
@@ -71,6 +72,7 @@ def test_dry_run_prints_every_file_size_sha256_repo_and_gate_verdict(run_dir):
     assert result.exit_code == 0, result.output
     assert f"repo {REPO} (public, main)" in result.output and f"repo {GGUF_REPO} (public, main)" in result.output
     assert "gate parity: PASS" in result.output and "gate checkpoint: VALID" in result.output
+    assert "gate scoreboard: PASS (" in result.output
     for _, name, path in _planned(run_dir):
         assert f"{path.stat().st_size:>12,} B  {sha256_file(path)}" in result.output
         assert f"  {name} " in result.output
@@ -116,16 +118,24 @@ def test_second_push_uploads_nothing_and_still_verifies(run_dir, hub):
 def test_push_refuses_a_failed_parity_gate_before_contacting_the_hub(tiny_run_dir, tmp_path, hub):
     run_dir = build_release_run(tiny_run_dir, tmp_path / "failed", kl_mean=0.2)
     render_card(run_dir, repo_id=REPO)
+    write_gates(run_dir)
     with pytest.raises(GateFailed, match="parity gate: FAIL"):
         push_release(run_dir, REPO)
     assert hub.requests == []
     report = push_release(run_dir, REPO, allow_failed_gates=True)
-    assert report.waived == ["parity"] and report.verified_files == report.total_files
+    assert report.waived == ["parity", "scoreboard"] and report.verified_files == report.total_files
 
 
 def test_push_refuses_when_parity_evidence_is_missing(run_dir, hub):
     (run_dir / "evidence" / "parity.json").unlink()
     with pytest.raises(GateFailed, match="parity gate: MISSING"):
+        push_release(run_dir, REPO)
+    assert hub.requests == []
+
+
+def test_push_refuses_when_the_gates_scoreboard_is_missing(run_dir, hub):
+    (run_dir / "evidence" / "gates.json").unlink()
+    with pytest.raises(GateFailed, match=r"scoreboard gate: MISSING \(evidence/gates.json\)"):
         push_release(run_dir, REPO)
     assert hub.requests == []
 
@@ -160,6 +170,12 @@ def test_push_refuses_a_card_edited_after_rendering(run_dir, hub):
     card.write_text(card.read_text().replace("Best validation loss", "Best-ever validation loss"))
     with pytest.raises(IntegrityError, match="README.md: changed since the card was rendered"):
         push_release(run_dir, REPO)
+
+
+def test_push_without_repos_pushes_to_the_ones_the_card_names(run_dir, hub):
+    report = push_release(run_dir)
+    assert [plan.repo_id for plan in report.repos] == [REPO, GGUF_REPO]
+    assert report.verified_files == report.total_files
 
 
 def test_push_refuses_a_repo_the_card_was_not_rendered_for(run_dir):

@@ -28,6 +28,7 @@ def _render_summary(evidence: dict[str, Any]) -> str:
         f"convergence: {summary['convergence']}; memorization: "
         f"{summary['memorization']['verdict']} ({summary['memorization']['reason']})",
     ]
+    lines += [f"prediction {p['expr']}: {p['verdict']} (observed {p['observed']})" for p in evidence["predictions"]]
     return "\n".join(lines)
 
 
@@ -46,6 +47,9 @@ def _render_summary(evidence: dict[str, Any]) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-compile", is_flag=True, help="Do not torch.compile the model on CUDA.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--predict", "predictions", multiple=True, metavar="EXPR",
+              help='A falsifiable prediction recorded before training and judged at the end, '
+                   'e.g. "best_val_loss < 8.911" (repeatable; docs/gates.md).')
 @json_option
 def train_command(
     data_dir: Path | None,
@@ -62,6 +66,7 @@ def train_command(
     device: str,
     no_compile: bool,
     quiet: bool,
+    predictions: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Train a model from scratch on a token folder (or continue one with --resume).
@@ -82,6 +87,8 @@ def train_command(
     overrides.update({key: value for key, value in explicit.items() if value is not None})
     if resume_dir is not None:
         changed = sorted(set(overrides) - {"num_steps"})
+        if predictions:
+            raise InputError("--predict: predictions are recorded before a run starts, not on --resume")
         if preset or changed or (run_dir and run_dir != resume_dir):
             raise InputError(
                 "--resume continues with the run's own configuration: only --num-steps, --data, "
@@ -100,7 +107,8 @@ def train_command(
             raise InputError("train: --data and --out are required (or --resume RUN_DIR)")
         config = apply_overrides(get_preset(preset or DEFAULT_PRESET), overrides)
         evidence = train(
-            config, data_dir, run_dir, device=device, compile_model=not no_compile, progress=not quiet
+            config, data_dir, run_dir, device=device, compile_model=not no_compile, progress=not quiet,
+            predictions=predictions,
         )
     if int(os.environ.get("RANK", "0")) == 0:
         emit(evidence, as_json, _render_summary)

@@ -1,0 +1,443 @@
+"""`shipkit ship`: the whole release, one or more models, from one TOML file (or the embedded default).
+
+Per model, under `OUT/<name>/`:
+
+    train path:   corpus → tokens (+ audit) → run (train) → validate → export → quantize
+                  → parity → card → gates → push
+    import path:  run/ckpt/best.apr (import) → corpus → tokens (with the model's tokenizer)
+                  → validate → export → quantize → parity → card → gates → push
+
+Every stage that finishes records a fingerprint of what it was asked to do (its settings and
+the outputs of the stages it reads) and the sha256 of every file it wrote in
+`OUT/ship-state.json`. A re-run skips a stage whose fingerprint is unchanged and whose outputs
+still hash the same, so an interrupted ship resumes where it stopped; an interrupted training
+run continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shipkit.errors import GateFailed, InputError, ShipkitError
+from shipkit.fsutil import sha256_file, write_json
+
+STATE_FILE = "ship-state.json"
+DEFAULT_OUT = Path("ship-out")
+DEFAULT_MODEL_NAME = "shipkit-tiny"
+# The default run's falsifiable prediction: the tiny preset on the stdlib has ended between 4.5 and
+# 4.9 nats; above 5.5 means training regressed.
+DEFAULT_PREDICTION = "best_val_loss < 5.5"
+QUANT_TYPE = "Q4_K_M"
+
+
+@dataclass
+class ModelSpec:
+    """One model of a release. `source` is "train" (from scratch) or "import" (an HF folder)."""
+
+    name: str = DEFAULT_MODEL_NAME
+    source: str = "train"
+    # the corpus (train path: training data; both paths: the held-out tokens parity scores)
+    corpus: list[str] = field(default_factory=list)  # empty: this Python's standard library
+    text_column: str | None = None
+    glob: str = "*.py"
+    val_fraction: float = 0.02
+    vocab_size: int = 8192
+    # training
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    predict: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    compile: bool = True
+    # import
+    hf_dir: str | None = None
+    base_model: str | None = None
+    license: str | None = None
+    # quantize, parity, release
+    quant_types: list[str] = field(default_factory=lambda: [QUANT_TYPE])
+    parity_tokens: int = 8192
+    parity_ctx: int = 256
+    parity_engines: list[str] = field(default_factory=lambda: ["torch", "llama.cpp"])
+    contract: str | None = None
+    repo: str | None = None
+    gguf_repo: str | None = None
+    datasets: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("train", "import"):
+            raise InputError(f"model {self.name}: field source: must be 'train' or 'import', got {self.source!r}")
+        if self.source == "import" and not self.hf_dir:
+            raise InputError(f"model {self.name}: field hf_dir: required when source = 'import'")
+        if QUANT_TYPE not in self.quant_types:
+            raise InputError(f"model {self.name}: field quant_types: must include {QUANT_TYPE} (the gated quant)")
+
+
+@dataclass
+class ShipConfig:
+    out: Path = DEFAULT_OUT
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    push: bool = False  # False: `shipkit push --dry-run` only
+    allow_failed_gates: bool = False
+
+
+def load_ship_config(path: str | Path) -> ShipConfig:
+    """Read a ship TOML (`[ship]` table + one `[[model]]` table per model); paths in it are
+    relative to the file's folder. Format: docs/ship.md."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ship config not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise InputError(f"{path}: not valid TOML ({error})") from None
+    base = path.parent
+    ship = dict(data.pop("ship", {}))
+    models = data.pop("model", [])
+    if data:
+        raise InputError(f"{path}: unknown table(s) {', '.join(sorted(data))} (expected [ship] and [[model]])")
+    if not models:
+        raise InputError(f"{path}: no [[model]] table")
+    _reject_unknown(ship, {f.name for f in dataclasses.fields(ShipConfig)} - {"models"}, f"{path} [ship]")
+    specs = []
+    for index, table in enumerate(models):
+        _reject_unknown(table, {f.name for f in dataclasses.fields(ModelSpec)}, f"{path} [[model]] #{index + 1}")
+        table = dict(table)
+        table["corpus"] = [str(base / item) for item in table.get("corpus", [])]
+        for key in ("hf_dir", "contract"):
+            if table.get(key):
+                table[key] = str(base / table[key])
+        specs.append(ModelSpec(**table))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: model names must be unique, got {names}")
+    out = base / ship.pop("out", str(DEFAULT_OUT))
+    return ShipConfig(out=Path(out), models=specs, **ship)
+
+
+def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+
+class StageLedger:
+    """`OUT/ship-state.json`: per stage, its fingerprint and the sha256 of its outputs."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / STATE_FILE
+        self.stages: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def is_done(self, key: str, fingerprint: str) -> bool:
+        entry = self.stages.get(key)
+        if entry is None or entry["fingerprint"] != fingerprint:
+            return False
+        return all(
+            Path(path).is_file() and sha256_file(path) == digest for path, digest in entry["outputs"].items()
+        )
+
+    def record(self, key: str, fingerprint: str, outputs: list[Path]) -> None:
+        files = sorted(p for output in outputs for p in _files_under(output))
+        self.stages[key] = {"fingerprint": fingerprint, "outputs": {str(p): sha256_file(p) for p in files}}
+        write_json(self.path, self.stages)
+
+    def outputs_digest(self, key: str) -> str:
+        return _digest(self.stages[key]["outputs"])
+
+
+def _files_under(path: Path) -> list[Path]:
+    if path.is_dir():
+        return [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if not path.is_file():
+        raise ShipkitError(f"{path}: the stage finished but did not write it")
+    return [path]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StageResult:
+    stage: str
+    skipped: bool
+    detail: str
+
+
+@dataclass
+class ModelResult:
+    name: str
+    run_dir: Path
+    stages: list[StageResult]
+    summary: dict[str, Any]
+
+
+@dataclass
+class ShipReport:
+    out: Path
+    models: list[ModelResult]
+
+
+class ModelShipper:
+    """Runs one model's stages in order through the ledger."""
+
+    def __init__(self, spec: ModelSpec, config: ShipConfig, ledger: StageLedger,
+                 log: Callable[[str], None]) -> None:
+        self.spec, self.config, self.ledger, self.log = spec, config, ledger, log
+        self.root = config.out / spec.name
+        self.corpus_dir = self.root / "corpus"
+        self.tokens_dir = self.root / "tokens"
+        self.run_dir = self.root / "run"
+        self.checkpoint = self.run_dir / "ckpt" / "best.apr"
+        self.stages: list[StageResult] = []
+
+    def stage(self, name: str, settings: dict[str, Any], reads: list[str], outputs: list[Path],
+              action: Callable[[], str]) -> None:
+        key = f"{self.spec.name}/{name}"
+        fingerprint = _digest({"settings": settings,
+                               "reads": {r: self.ledger.outputs_digest(f"{self.spec.name}/{r}") for r in reads}})
+        if self.ledger.is_done(key, fingerprint):
+            self.stages.append(StageResult(name, True, "unchanged, skipped"))
+            self.log(f"[{self.spec.name}] {name}: unchanged, skipped")
+            return
+        self.log(f"[{self.spec.name}] {name} …")
+        detail = action()
+        self.ledger.record(key, fingerprint, outputs)
+        self.stages.append(StageResult(name, False, detail))
+        self.log(f"[{self.spec.name}] {name}: {detail}")
+
+    def run(self) -> ModelResult:
+        spec = self.spec
+        if spec.source == "import":
+            self.stage("import", {"hf_dir": spec.hf_dir, "hf": _folder_digest(Path(spec.hf_dir)),
+                                  "base_model": spec.base_model, "license": spec.license},
+                       [], [self.checkpoint, self.run_dir / "tokenizer.json"], self._import)
+        self.stage("corpus", self._corpus_settings(), [], [self.corpus_dir], self._corpus)
+        tokenizer_reads = ["import"] if spec.source == "import" else []
+        self.stage("tokens", {"vocab_size": spec.vocab_size, "source": spec.source},
+                   ["corpus", *tokenizer_reads], [self.tokens_dir], self._tokens)
+        if spec.source == "train":
+            self.stage("train", {"preset": spec.preset, "overrides": spec.overrides, "predict": spec.predict,
+                                 "device": spec.device}, ["tokens"],
+                       [self.run_dir / "ckpt", self.run_dir / "evidence" / "training-summary.json"], self._train)
+        weights_stage = "train" if spec.source == "train" else "import"
+        self.stage("validate", {}, [weights_stage], [self.checkpoint], self._validate)
+        self.stage("export", {}, [weights_stage], [self.run_dir / "release" / "hf"], self._export)
+        self.stage("quantize", {"types": spec.quant_types}, [weights_stage],
+                   [self.run_dir / "release" / "gguf"], self._quantize)
+        self.stage("parity", {"tokens": spec.parity_tokens, "ctx": spec.parity_ctx,
+                              "engines": spec.parity_engines, "contract": _file_digest(spec.contract)},
+                   ["quantize", "tokens"], [self.run_dir / "evidence" / "parity.json"], self._parity)
+        self.stage("card", {"repo": self._repo(), "gguf_repo": spec.gguf_repo, "license": spec.license,
+                            "datasets": spec.datasets}, ["export", "quantize", "parity"],
+                   [self.run_dir / "release" / "card", self.run_dir / "evidence" / "release.json"], self._card)
+        gates = self._gates()
+        push = self._push()
+        return ModelResult(spec.name, self.run_dir, self.stages, self._summary(gates, push))
+
+    def _corpus_settings(self) -> dict[str, Any]:
+        spec = self.spec
+        sources = [str(Path(s).resolve()) for s in spec.corpus] or ["<stdlib>"]
+        return {"sources": sources, "text_column": spec.text_column, "glob": spec.glob,
+                "val_fraction": spec.val_fraction}
+
+    def _import(self) -> str:
+        from shipkit.hf_import import import_hf
+
+        report = import_hf(self.spec.hf_dir, self.checkpoint, base_model=self.spec.base_model,
+                           license=self.spec.license)
+        shutil.copyfile(report.tokenizer_path, self.run_dir / "tokenizer.json")
+        return f"{report.architecture}, {report.tensor_count} tensors, {report.parameters:,} parameters"
+
+    def _corpus(self) -> str:
+        from shipkit.corpus import CorpusConfig, build_corpus, default_source
+
+        sources = [Path(s) for s in self.spec.corpus] or [default_source()]
+        shutil.rmtree(self.corpus_dir, ignore_errors=True)
+        manifest = build_corpus(sources, self.corpus_dir, CorpusConfig(
+            val_fraction=self.spec.val_fraction, text_column=self.spec.text_column, glob=self.spec.glob))
+        splits = manifest["splits"]
+        return f"train {splits['train']['docs']} docs, val {splits['val']['docs']} docs"
+
+    def _tokens(self) -> str:
+        from shipkit.audit import audit_tokens
+        from shipkit.tokenize import TokenizerConfig, encode_corpus, train_tokenizer
+
+        shutil.rmtree(self.tokens_dir, ignore_errors=True)
+        if self.spec.source == "import":
+            manifest = encode_corpus(self.corpus_dir, self.tokens_dir, self.run_dir / "tokenizer.json")
+        else:
+            train_tokenizer(self.corpus_dir, self.tokens_dir, TokenizerConfig(vocab_size=self.spec.vocab_size))
+            manifest = encode_corpus(self.corpus_dir, self.tokens_dir)
+        audit = audit_tokens(self.tokens_dir)
+        totals = manifest["splits"]
+        if audit["val_docs_in_train"]:
+            raise GateFailed(f"{self.tokens_dir}: {audit['val_docs_in_train']} val documents also in train")
+        return (f"train {totals['train']['tokens']:,} tokens, val {totals['val']['tokens']:,} tokens; "
+                f"audit: 0 val docs in train, {audit['window_overlap_fraction']:.2%} of val "
+                f"{audit['window']}-token windows seen in train")
+
+    def _train(self) -> str:
+        from shipkit.presets import apply_overrides, get_preset
+        from shipkit.train import resume, train
+
+        resumable = any((self.run_dir / "ckpt").glob("epoch-*.resume.apr"))
+        if resumable and not (self.run_dir / "evidence" / "training-summary.json").is_file():
+            resumable = False
+        if resumable:
+            evidence = resume(self.run_dir, data_dir=self.tokens_dir, device=self.spec.device,
+                              compile_model=self.spec.compile)
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            config = apply_overrides(get_preset(self.spec.preset), self.spec.overrides)
+            evidence = train(config, self.tokens_dir, self.run_dir, device=self.spec.device,
+                             compile_model=self.spec.compile, predictions=self.spec.predict)
+        summary = evidence["summary"]
+        return (f"{summary['epochs_completed']} epochs, best val loss {summary['best_val_loss']:.4f} "
+                f"(epoch {summary['best_epoch']}), memorization {summary['memorization']['verdict']}")
+
+    def _validate(self) -> str:
+        from shipkit.apr import validate_apr
+        from shipkit.errors import IntegrityError
+
+        report = validate_apr(self.checkpoint)
+        if not report.ok:
+            raise IntegrityError(f"{self.checkpoint}: {report.problems[0]}")
+        return f"APR v{report.version} / {report.tensor_count} tensors / checksum VALID"
+
+    def _export(self) -> str:
+        from shipkit.export import export_hf
+
+        out = self.run_dir / "release" / "hf"
+        shutil.rmtree(out, ignore_errors=True)
+        report = export_hf(self.checkpoint, out)
+        return f"{len(report.files)} files, {report.shards} safetensors file(s)"
+
+    def _quantize(self) -> str:
+        from shipkit.quantize import write_gguf
+
+        out = self.run_dir / "release" / "gguf"
+        shutil.rmtree(out, ignore_errors=True)
+        made = []
+        for qtype in self.spec.quant_types:
+            result = write_gguf(self.checkpoint, out, qtype, device=_quant_device(self.spec.device),
+                                base_name=self.spec.name)
+            made.append(Path(result.path).name)
+        return ", ".join(made)
+
+    def _parity(self) -> str:
+        from shipkit.parity import ParityOptions, run_parity
+
+        evidence = run_parity(ParityOptions(
+            base=self.checkpoint, quant=self._gguf(QUANT_TYPE), tokens_dir=self.tokens_dir,
+            n_tokens=self.spec.parity_tokens, ctx=self.spec.parity_ctx, engines=tuple(self.spec.parity_engines),
+            device=self.spec.device, contract=Path(self.spec.contract) if self.spec.contract else None,
+            run_dir=self.run_dir))
+        return f"verdict {evidence['verdict']}"
+
+    def _card(self) -> str:
+        from shipkit.card import render_card
+
+        report = render_card(self.run_dir, repo_id=self._repo(), gguf_repo_id=self.spec.gguf_repo,
+                             license=self.spec.license, datasets=self.spec.datasets)
+        return ", ".join(str(Path(path).relative_to(self.run_dir)) for path in report.cards.values())
+
+    def _gates(self) -> dict[str, Any]:
+        from shipkit.gates import run_gates
+
+        self.log(f"[{self.spec.name}] gates …")
+        scoreboard = run_gates(self.run_dir, contract=self.spec.contract)
+        self.stages.append(StageResult("gates", False, scoreboard["summary"]))
+        self.log(f"[{self.spec.name}] gates: {scoreboard['summary']}")
+        return scoreboard
+
+    def _push(self) -> dict[str, Any]:
+        from shipkit.push import push_release
+
+        dry_run = not self.config.push
+        report = push_release(self.run_dir, self._repo(),
+                              gguf_repo=self.spec.gguf_repo, dry_run=dry_run,
+                              allow_failed_gates=self.config.allow_failed_gates)
+        if dry_run and report.refusals and not self.config.allow_failed_gates:
+            raise report.refusals[0]
+        detail = ("dry run: " if dry_run else "") + (
+            f"{report.total_files} files planned" if dry_run else f"verified {report.verified_files}/{report.total_files} files")
+        self.stages.append(StageResult("push", False, detail))
+        self.log(f"[{self.spec.name}] push: {detail}")
+        return report.to_dict()
+
+    def _repo(self) -> str:
+        from shipkit.card import LOCAL_NAMESPACE
+
+        return self.spec.repo or f"{LOCAL_NAMESPACE}/{self.spec.name}"
+
+    def _gguf(self, qtype: str) -> Path:
+        found = sorted((self.run_dir / "release" / "gguf").glob(f"*-{qtype}.gguf"))
+        if not found:
+            raise ShipkitError(f"{self.run_dir / 'release' / 'gguf'}: no {qtype} GGUF")
+        return found[0]
+
+    def _summary(self, gates: dict[str, Any], push: dict[str, Any]) -> dict[str, Any]:
+        from shipkit.evidence import read_evidence
+
+        parity = read_evidence(self.run_dir, "parity")
+        training = None
+        if (self.run_dir / "evidence" / "training-summary.json").is_file():
+            training = read_evidence(self.run_dir, "training-summary")["summary"]
+        files = [{"repo": repo["repo_id"], "path": f["path_in_repo"], "size": f["size"], "sha256": f["sha256"]}
+                 for repo in push["repos"] for f in repo["files"]]
+        return {
+            "best_val_loss": training["best_val_loss"] if training else None,
+            "memorization": training["memorization"]["verdict"] if training else None,
+            "parity": {"verdict": parity["verdict"], **_parity_headline(parity)},
+            "gates": gates["summary"],
+            "gates_verdict": gates["verdict"],
+            "gates_open": [{key: gate[key] for key in ("id", "status", "detail")}
+                           for gate in gates["gates"] if gate["status"] != "DISCHARGED"],
+            "files": files,
+            "push": "dry run" if push["dry_run"] else f"verified {push['verified_files']}/{push['total_files']}",
+        }
+
+
+def _parity_headline(parity: dict[str, Any]) -> dict[str, Any]:
+    """The torch engine's headline metrics from evidence/parity.json."""
+    engine = parity["engines"].get("torch") or next(iter(parity["engines"].values()))
+    metrics = engine["metrics"]
+    return {key: metrics.get(key) for key in ("kl_mean", "same_top_pct", "ppl_ratio")}
+
+
+def _quant_device(device: str) -> str:
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def _file_digest(path: str | None) -> str | None:
+    return sha256_file(path) if path else None
+
+
+def _folder_digest(folder: Path) -> str:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: hf_dir not found")
+    return _digest({str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()})
+
+
+def ship(config: ShipConfig, *, log: Callable[[str], None] = print) -> ShipReport:
+    """Run every model of `config` to its release (or dry run); see the module docstring."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    ledger = StageLedger(config.out)
+    results = [ModelShipper(spec, config, ledger, log).run() for spec in config.models]
+    write_json(config.out / "ship-summary.json",
+               {r.name: {"run_dir": str(r.run_dir), **r.summary} for r in results})
+    return ShipReport(config.out, results)
+
+
+def default_config(out: Path, *, repo: str | None = None, gguf_repo: str | None = None, push: bool = False,
+                   device: str = "cpu") -> ShipConfig:
+    """The embedded default: the stdlib corpus, the tiny preset, one model."""
+    model = ModelSpec(repo=repo, gguf_repo=gguf_repo, device=device, predict=[DEFAULT_PREDICTION])
+    return ShipConfig(out=out, models=[model], push=push)

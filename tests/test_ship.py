@@ -1,0 +1,144 @@
+"""`shipkit ship`: a two-model release (one imported, one trained) end to end, and its resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from hf_helpers import save_tiny_hf_model
+
+from shipkit.errors import InputError
+from shipkit.ship import load_ship_config, ship
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+EXAMPLE = Path(__file__).parent.parent / "examples" / "ship.toml"
+
+# Models trained for a handful of steps predict almost uniformly: near-tied top tokens flip under
+# 4-bit rounding while KL stays ~1e-5, so these toy releases state a lower same-top floor.
+TOY_CONTRACT = """
+[contract]
+name = "toy"
+
+[parity]
+reference = "shipkit default contract, same-top loosened for untrained toy models"
+required_engines = ["torch", "llama.cpp"]
+thresholds.kl_mean = { max = 0.0625, reason = "the default small-model band" }
+thresholds.same_top_pct = { min = 70.0, reason = "near-uniform predictions of a 6-step model have near-tied top tokens" }
+thresholds.ppl_ratio = { max = 1.05, reason = "the default small-model band" }
+agreement.top1_pct = { min = 99.9, reason = "the default" }
+agreement.kl_mean = { max = 1e-4, reason = "the default" }
+tensors.rel_rmse = { max = 0.35, reason = "the default" }
+"""
+
+SHIP_TOML = """
+[ship]
+out = "out"
+
+[[model]]
+name = "tiny-import"
+source = "import"
+hf_dir = "hf"
+base_model = "my-org/tiny-upstream"
+corpus = ["{corpus}"]
+val_fraction = 0.2
+parity_tokens = 1024
+parity_ctx = 64
+contract = "toy.toml"
+
+[[model]]
+name = "tiny-train"
+corpus = ["{corpus}"]
+val_fraction = 0.2
+vocab_size = 512
+overrides = {{ hidden_size = 256, intermediate_size = 256, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, seq_len = 32, batch_size = 4, num_steps = 6, steps_per_epoch = 2, warmup_steps = 1, val_tokens = 512 }}
+predict = ["best_val_loss < 100"]
+parity_tokens = 1024
+parity_ctx = 64
+contract = "toy.toml"
+"""
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ship")
+    save_tiny_hf_model(root / "hf", "qwen2", hidden=256)
+    (root / "toy.toml").write_text(TOY_CONTRACT)
+    config_path = root / "ship.toml"
+    config_path.write_text(SHIP_TOML.format(corpus=STDLIB / "json"))
+    lines: list[str] = []
+    report = ship(load_ship_config(config_path), log=lines.append)
+    return root, config_path, report, lines
+
+
+def test_ship_releases_an_imported_and_a_trained_model(shipped):
+    root, _, report, _ = shipped
+    assert [model.name for model in report.models] == ["tiny-import", "tiny-train"]
+    for model in report.models:
+        assert model.summary["parity"]["verdict"] == "PASS"
+        assert model.summary["push"] == "dry run"
+        released = {Path(f["path"]).suffix for f in model.summary["files"]}
+        assert {".gguf", ".safetensors", ".json"} <= released
+    summary = json.loads((root / "out" / "ship-summary.json").read_text())
+    assert summary["tiny-train"]["best_val_loss"] == report.models[1].summary["best_val_loss"]
+    assert summary["tiny-import"]["best_val_loss"] is None
+
+
+def test_ship_records_gates_and_the_prediction(shipped):
+    root, _, report, _ = shipped
+    gates = json.loads((root / "out" / "tiny-train" / "run" / "evidence" / "gates.json").read_text())
+    falsifiers = [gate for gate in gates["gates"] if gate["category"] == "FALSIFIERS"]
+    assert falsifiers and all(gate["status"] == "DISCHARGED" for gate in falsifiers)
+    assert "DISCHARGED" in report.models[1].summary["gates"]
+    card = (root / "out" / "tiny-train" / "run" / "release" / "card" / "README.md").read_text()
+    assert "| `best_val_loss < 100` |" in card and "| CONFIRMED |" in card
+
+
+def test_rerun_skips_every_stage_whose_outputs_are_unchanged(shipped):
+    _, config_path, _, _ = shipped
+    lines: list[str] = []
+    ship(load_ship_config(config_path), log=lines.append)
+    skipped = [line for line in lines if line.endswith("unchanged, skipped")]
+    assert len(skipped) == 8 + 8  # import path: 8 recorded stages; train path: 8
+
+
+def test_a_touched_output_reruns_its_stage_which_restores_it(shipped):
+    root, config_path, _, _ = shipped
+    gguf = next((root / "out" / "tiny-train" / "run" / "release" / "gguf").glob("*-Q4_K_M.gguf"))
+    original = gguf.read_bytes()
+    gguf.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    lines: list[str] = []
+    ship(load_ship_config(config_path), log=lines.append)
+    rerun = {line.split("] ")[1].split(":")[0] for line in lines
+             if line.startswith("[tiny-train]") and ":" in line and not line.endswith("skipped")}
+    assert gguf.read_bytes() == original
+    # quantization is deterministic, so the stages reading its output see the same bytes
+    assert rerun == {"quantize", "gates", "push"}
+
+
+def test_example_config_describes_an_import_and_a_trained_model():
+    config = load_ship_config(EXAMPLE)
+    assert [model.source for model in config.models] == ["import", "train"]
+    assert config.models[1].preset == "model-2"
+    assert all(model.repo and model.gguf_repo for model in config.models)
+
+
+def test_config_with_an_unknown_field_names_it(tmp_path):
+    path = tmp_path / "ship.toml"
+    path.write_text('[[model]]\nname = "x"\nlearning_rate = 1\n')
+    with pytest.raises(InputError, match="unknown field\\(s\\) learning_rate"):
+        load_ship_config(path)
+
+
+def test_ship_cli_reports_a_bad_config_on_one_line(tmp_path):
+    path = tmp_path / "ship.toml"
+    path.write_text('[[model]]\nsource = "download"\n')
+    result = subprocess.run([sys.executable, "-m", "shipkit", "ship", "--config", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: model shipkit-tiny: field source: must be 'train' or 'import', got 'download'"
+    )
