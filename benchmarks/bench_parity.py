@@ -29,21 +29,10 @@ from shipkit.model import CausalLM, ModelConfig, parameter_count  # noqa: E402
 from shipkit.parity import LoadedModel, TorchEngine, Windows, eval_batches, load_model_file, resolve_device  # noqa: E402
 from shipkit.presets import get_preset  # noqa: E402
 from shipkit.quantize import write_gguf  # noqa: E402
-from shipkit.tokenize import EOT_TOKEN, new_tokenizer  # noqa: E402
+from bench_quantize import write_tokenizer  # noqa: E402 (the same small test tokenizer)
 
 QUICK_SHAPE = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
-
-
-def write_tokenizer(path: Path) -> None:
-    """A small byte-level BPE; the GGUF writer pads its vocabulary to the model's."""
-    from tokenizers import pre_tokenizers, trainers
-
-    tokenizer = new_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(["def main():\n    return 0\n"] * 8, trainer)
-    tokenizer.save(str(path))
 
 
 def build_files(config: ModelConfig, qtype: str, folder: Path, seed: int, device: str) -> tuple[Path, Path]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from shipkit.errors import InputError, IntegrityError
-from shipkit.fsutil import atomic_write, sha256_file, write_json
+from shipkit.fsutil import atomic_write, read_format_json, sha256_file, write_json
 
 CORPUS_FORMAT = "shipkit-corpus/1"
 CORPUS_MANIFEST = "corpus.json"
@@ -408,16 +408,8 @@ def _manifest(records: list[SourceRecord], writers: dict[str, SplitWriter],
 
 
 def read_corpus_manifest(corpus_dir: str | os.PathLike[str]) -> dict:
-    path = Path(corpus_dir) / CORPUS_MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise InputError(f"{path}: not a corpus folder; run `shipkit corpus build` first") from error
-    except (OSError, ValueError) as error:
-        raise IntegrityError(f"{path}: unreadable corpus manifest: {error}") from error
-    if manifest.get("format") != CORPUS_FORMAT:
-        raise IntegrityError(f"{path}: format {manifest.get('format')!r}, expected {CORPUS_FORMAT!r}")
-    return manifest
+    return read_format_json(Path(corpus_dir) / CORPUS_MANIFEST, CORPUS_FORMAT, "corpus manifest",
+                            "not a corpus folder; run `shipkit corpus build` first")
 
 
 def iter_texts(corpus_dir: str | os.PathLike[str], split: str) -> Iterator[str]:

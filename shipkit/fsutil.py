@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from shipkit.errors import InputError, IntegrityError
+
 HASH_CHUNK_BYTES = 8 << 20
 
 
@@ -74,3 +76,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_format_json(path: Path, expected_format: str, what: str, missing_hint: str) -> dict[str, Any]:
+    """Read a JSON file whose `format` field must equal `expected_format`.
+
+    Raises InputError (naming `missing_hint`) when it is missing, IntegrityError when it is
+    unreadable or of another format."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise InputError(f"{path}: {missing_hint}") from error
+    except (OSError, ValueError) as error:
+        raise IntegrityError(f"{path}: unreadable {what}: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise IntegrityError(f"{path}: format {found!r}, expected {expected_format!r}")
+    return data

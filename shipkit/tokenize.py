@@ -8,7 +8,6 @@ end-of-text token, so a shard reads `EOT doc EOT doc ...` and holds as many EOTs
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from shipkit.corpus import iter_texts, read_corpus_manifest
 from shipkit.errors import InputError, IntegrityError
-from shipkit.fsutil import atomic_write, sha256_file, write_json
+from shipkit.fsutil import atomic_write, read_format_json, sha256_file, write_json
 
 TOKEN_MAGIC = b"SHIPTOK\x00"
 TOKEN_FORMAT_VERSION = 1
@@ -137,16 +136,8 @@ class TokenSplit:
 
 
 def read_manifest(tokens_dir: str | os.PathLike[str]) -> dict:
-    path = Path(tokens_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise InputError(f"{path}: no token manifest; run `shipkit tokenize encode` first") from error
-    except (OSError, ValueError) as error:
-        raise IntegrityError(f"{path}: unreadable token manifest: {error}") from error
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise IntegrityError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return manifest
+    return read_format_json(Path(tokens_dir) / MANIFEST_NAME, MANIFEST_FORMAT, "token manifest",
+                            "no token manifest; run `shipkit tokenize encode` first")
 
 
 def read_tokens(tokens_dir: str | os.PathLike[str], split: str) -> TokenSplit:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +76,25 @@ def test_import_cli_reports_missing_folder_on_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "config.json: not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_imported_model_runs_in_llama_cpp_with_the_logits_of_transformers(tmp_path, family):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quant_helpers import gguf_tensors, llama_cpp_quantize
+
+    from shipkit.quantize import write_gguf
+
+    hf_model = save_tiny_hf_model(tmp_path / "hf", family, hidden=96)  # not a multiple of 256
+    report = import_hf(tmp_path / "hf", tmp_path / "out" / "model.apr")
+    f32 = write_gguf(report.apr_path, tmp_path / "f32.gguf", "F32").path
+    ids = [5, 17, 42, 99, 3, 250, 7, 64]
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits[0].numpy()
+    runtime = llama_cpp.Llama(str(f32), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    runtime.eval(ids)
+    found = np.array(runtime.scores[: len(ids)])
+    assert np.abs(found - expected).max() / np.abs(expected).max() <= 1e-3
+    ours = write_gguf(report.apr_path, tmp_path / "ours-q4km.gguf", "Q4_K_M").path
+    llama_cpp_quantize(Path(f32), tmp_path / "theirs-q4km.gguf", "Q4_K_M")
+    assert gguf_tensors(Path(ours)) == gguf_tensors(tmp_path / "theirs-q4km.gguf")

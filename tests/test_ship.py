@@ -87,6 +87,15 @@ def test_ship_releases_an_imported_and_a_trained_model(shipped):
     assert summary["tiny-import"]["best_val_loss"] is None
 
 
+def test_imported_model_card_names_its_upstream_model_and_license(shipped):
+    from huggingface_hub import ModelCard
+
+    root, _, _, _ = shipped
+    card = ModelCard.load(root / "out" / "tiny-import" / "run" / "release" / "card" / "README.md")
+    assert card.data.base_model == "my-org/tiny-upstream"
+    assert card.data.license == "apache-2.0"
+
+
 def test_ship_records_gates_and_the_prediction(shipped):
     root, _, report, _ = shipped
     gates = json.loads((root / "out" / "tiny-train" / "run" / "evidence" / "gates.json").read_text())

@@ -21,7 +21,7 @@ from shipkit.data import Windows
 from shipkit.errors import InputError, TrainingError
 from shipkit.evidence import read_evidence
 from shipkit.fsutil import sha256_file
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 from shipkit.presets import apply_overrides, get_preset
 from shipkit.tokenize import read_tokens
 from shipkit.train import train
