@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shipkit.errors import GateFailed, InputError, ShipkitError
+from shipkit.errors import GateFailed, InputError, IntegrityError, ShipkitError
 from shipkit.fsutil import sha256_file, write_json
 
 STATE_FILE = "ship-state.json"
@@ -132,7 +132,12 @@ class StageLedger:
 
     def __init__(self, out: Path) -> None:
         self.path = out / STATE_FILE
-        self.stages: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.stages: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                self.stages = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raise IntegrityError(f"{self.path}: not valid JSON (delete it to run every stage again)") from None
 
     def is_done(self, key: str, fingerprint: str) -> bool:
         entry = self.stages.get(key)
@@ -287,10 +292,7 @@ class ModelShipper:
         from shipkit.presets import apply_overrides, get_preset
         from shipkit.train import resume, train
 
-        resumable = any((self.run_dir / "ckpt").glob("epoch-*.resume.apr"))
-        if resumable and not (self.run_dir / "evidence" / "training-summary.json").is_file():
-            resumable = False
-        if resumable:
+        if self._interrupted_training():
             evidence = resume(self.run_dir, data_dir=self.tokens_dir, device=self.spec.device,
                               compile_model=self.spec.compile)
         else:
@@ -302,9 +304,19 @@ class ModelShipper:
         return (f"{summary['epochs_completed']} epochs, best val loss {summary['best_val_loss']:.4f} "
                 f"(epoch {summary['best_epoch']}), memorization {summary['memorization']['verdict']}")
 
+    def _interrupted_training(self) -> bool:
+        """A run of this ship that stopped mid-way (its evidence still says "running") and left
+        a resume file; anything else is trained again from scratch."""
+        from shipkit.evidence import evidence_path, read_evidence
+
+        if not evidence_path(self.run_dir, "training-summary").is_file():
+            return False
+        if not any((self.run_dir / "ckpt").glob("epoch-*.resume.apr")):
+            return False
+        return read_evidence(self.run_dir, "training-summary")["summary"]["status"] == "running"
+
     def _validate(self) -> str:
         from shipkit.apr import validate_apr
-        from shipkit.errors import IntegrityError
 
         report = validate_apr(self.checkpoint)
         if not report.ok:

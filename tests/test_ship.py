@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from hf_helpers import save_tiny_hf_model
 
-from shipkit.errors import InputError
-from shipkit.ship import load_ship_config, ship
+from shipkit.errors import InputError, IntegrityError
+from shipkit.ship import default_config, load_ship_config, ship
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 EXAMPLE = Path(__file__).parent.parent / "examples" / "ship.toml"
@@ -133,6 +133,15 @@ def test_example_config_describes_an_import_and_a_trained_model():
     assert [model.source for model in config.models] == ["import", "train"]
     assert config.models[1].preset == "model-2"
     assert all(model.repo and model.gguf_repo for model in config.models)
+
+
+def test_a_corrupt_stage_ledger_is_named_before_any_stage_runs(tmp_path):
+    config = default_config(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ship-state.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match="ship-state.json: not valid JSON"):
+        ship(config, log=lambda line: None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ship-state.json"]
 
 
 def test_config_with_an_unknown_field_names_it(tmp_path):
