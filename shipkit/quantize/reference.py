@@ -26,10 +26,6 @@ def fp16_bits(value: np.float32) -> int:
     return int(np.array(f32(value)).astype(np.float16).view(np.uint16))
 
 
-def fp16_value(value: np.float32) -> np.float32:
-    return f32(np.float16(f32(value)))
-
-
 X86_INVALID_INT = -(2**31)  # what x86's float->int conversion gives for NaN, inf, out of range
 
 
