@@ -1,13 +1,15 @@
-"""Training throughput: shipkit's model vs HF `LlamaForCausalLM` of the same shape, same step.
+"""Training throughput: shipkit's model vs HF `LlamaForCausalLM` of the same shape.
 
     python benchmarks/bench_train.py                  # GPU: model-2 at batch 16 × seq 512, + tiny on CPU
     python benchmarks/bench_train.py --quick          # any machine: a tiny shape, a few steps
     python benchmarks/bench_train.py --json-out r.json
 
-Both models run the identical step (`shipkit.train_step.train_step`: bf16 autocast on CUDA,
-fused AdamW, grad clipping, one `torch.compile`d graph for forward + cross-entropy) on random
-tokens, so the ratio measures the models alone. MFU = flops_per_token · tok/s / 989e12 (H100
-dense bf16 peak), flops_per_token = 6·N + 12·L·d·T (`shipkit.model.flops_per_token`).
+shipkit runs the trainer's CUDA step: bf16 autocast, the GPU layout of the forward, fused AdamW
+with clipping folded in, one `torch.compile`d graph for forward + cross-entropy, and the whole
+step captured as one CUDA graph (`--no-cuda-graph` leaves that out). The reference is HF's
+model under bf16 autocast + fused AdamW + `torch.compile` through the same `train_step`, on the
+same random tokens. MFU = flops_per_token · tok/s / 989e12 (H100 dense bf16 peak),
+flops_per_token = 6·N + 12·L·d·T (`shipkit.model.flops_per_token`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count  # noqa: E402
 from shipkit.presets import get_preset  # noqa: E402
-from shipkit.train_step import build_optimizer, train_step, training_model  # noqa: E402
+from shipkit.train_step import GraphedTrainStep, build_optimizer, train_step, training_model  # noqa: E402
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
 QUICK_SHAPE = dict(
@@ -55,6 +57,7 @@ class Case:
     seq_len: int
     device: str
     compile_model: bool
+    cuda_graph: bool
     steps: int
     warmup_steps: int
 
@@ -113,8 +116,11 @@ def run_case(case: Case) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, loss_module = _loss_module(case, device)
-    optimizer, _ = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
+    optimizer, _ = build_optimizer(
+        model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda, capturable=case.cuda_graph
+    )
     parameters = list(model.parameters())
+    graphed = GraphedTrainStep(loss_module, parameters, optimizer, grad_clip=1.0) if case.cuda_graph else None
     generator = torch.Generator().manual_seed(1)
     batches = [
         torch.randint(0, case.config.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator).to(device)
@@ -122,6 +128,8 @@ def run_case(case: Case) -> dict[str, Any]:
     ]
 
     def step(index: int) -> torch.Tensor:
+        if graphed is not None:
+            return graphed(batches[index % len(batches)], lr=3e-4)[0]
         loss, _ = train_step(
             loss_module, parameters, optimizer, batches[index % len(batches)], lr=3e-4, grad_clip=1.0, bf16=cuda
         )
@@ -147,6 +155,7 @@ def run_case(case: Case) -> dict[str, Any]:
         "implementation": case.implementation,
         "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
         "compiled": case.compile_model,
+        "cuda_graph": case.cuda_graph,
         "batch_size": case.batch_size,
         "seq_len": case.seq_len,
         "parameters": parameter_count(case.config),
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--no-compile", action="store_true", help="eager mode on CUDA")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="shipkit without the one-graph step")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     parser.add_argument("--no-cpu-tiny", action="store_true", help="skip the tiny preset on CPU")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON here")
@@ -231,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     implementations = ["shipkit"] + ([] if args.no_hf else ["transformers"])
     for implementation in implementations:
+        graph = cuda and implementation == "shipkit" and compile_model and not args.no_cuda_graph
         case = Case(f"{label} {implementation}", implementation, config, batch_size, seq_len, device,
-                    compile_model, steps, warmup)
+                    compile_model, graph, steps, warmup)
         results.append(_safe_run(case))
     ratio = _ratio(results, f"{label} shipkit", f"{label} transformers")
     if ratio is not None:
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = get_preset("tiny")
         tiny_steps = 3 if args.quick else 10
         case = Case("tiny cpu shipkit", "shipkit", tiny.model, tiny.batch_size, tiny.seq_len, "cpu",
-                    False, tiny_steps, 1)
+                    False, False, tiny_steps, 1)
         results.append(_safe_run(case))
 
     report = {

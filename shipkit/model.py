@@ -119,11 +119,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not fused:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        return F.linear(x, weight, bias).split((q_size, kv_size, kv_size), dim=-1)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
+    ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x, fused)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
@@ -138,8 +150,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            weight = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+            gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -150,9 +167,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, fused)
+        return x + self.mlp(self.post_attention_layernorm(x), fused)
 
 
 class Backbone(nn.Module):
@@ -194,15 +213,35 @@ class CausalLM(nn.Module):
             states.append(x)
         return states
 
+    def final_hidden(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fused_projections: bool = False,
+        residual_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) normed last hidden state, the LM head's input.
+
+        The keywords are for GPU training and leave the weights and their names alone: `rope`
+        passes precomputed `rope_cos_sin` tables of at least T rows, `fused_projections` runs
+        q/k/v and gate/up as one product each (the weights are concatenated inside the step),
+        `residual_dtype` carries the residual stream in that dtype.
+        """
+        T = input_ids.shape[1]
+        if rope is None:
+            rope = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        cos, sin = rope[0][:T], rope[1][:T]
+        x = self.model.embed_tokens(input_ids)
+        if residual_dtype is not None:
+            x = x.to(residual_dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, fused_projections)
+        return self.model.norm(x)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab) logits."""
-        cos, sin = rope_cos_sin(
-            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device
-        )
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.final_hidden(input_ids))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Named weights as saved (a tied lm_head is not stored twice)."""

@@ -42,6 +42,7 @@ from shipkit.predict import judge_predictions, record_predictions
 from shipkit.presets import TrainConfig, apply_overrides
 from shipkit.tokenize import read_manifest, read_tokens
 from shipkit.train_step import (
+    GraphedTrainStep,
     build_optimizer,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -237,7 +238,7 @@ def _release(placement: Placement) -> None:
         dist.destroy_process_group()
 
 
-def _device_info(placement: Placement, compiled: bool) -> dict[str, Any]:
+def _device_info(placement: Placement, compiled: bool, cuda_graph: bool) -> dict[str, Any]:
     if placement.is_cuda:
         name = torch.cuda.get_device_name(placement.device)
     else:
@@ -248,6 +249,7 @@ def _device_info(placement: Placement, compiled: bool) -> dict[str, Any]:
         "world_size": placement.world_size,
         "dtype": "bfloat16" if placement.is_cuda else "float32",
         "compiled": compiled,
+        "cuda_graph": cuda_graph,
     }
 
 
@@ -343,7 +345,9 @@ class Trainer:
         self.val_split = read_tokens(data_dir, "val")
         self.tokenizer_sha256 = self.train_split.tokenizer_sha256
         self.compiled = compile_model and placement.is_cuda
-        self.device_info = _device_info(placement, self.compiled)
+        # One CUDA graph per step needs a single process (DDP's collectives stay outside graphs).
+        graphed = self.compiled and placement.world_size == 1
+        self.device_info = _device_info(placement, self.compiled, graphed)
         self.corpus: dict[str, Any] = {}
 
         torch.manual_seed(config.seed)
@@ -354,6 +358,7 @@ class Trainer:
             betas=(config.beta1, config.beta2),
             weight_decay=config.weight_decay,
             fused=placement.is_cuda,
+            capturable=graphed,
         )
         self.parameters = list(self.model.parameters())
         self.loss_module = training_model(
@@ -361,6 +366,11 @@ class Trainer:
             ddp_device_ids=[placement.local_rank] if placement.is_cuda else None,
             distributed=placement.world_size > 1,
             compile_model=self.compiled,
+        )
+        self.graphed_step = (
+            GraphedTrainStep(self.loss_module, self.parameters, self.optimizer, grad_clip=config.grad_clip)
+            if graphed
+            else None
         )
 
     # -- evidence ------------------------------------------------------------------------------
@@ -529,6 +539,19 @@ class Trainer:
                         file=sys.stderr,
                     )
 
+    def _step(self, batch: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graphed_step is not None:
+            return self.graphed_step(batch, lr=lr)
+        return train_step(
+            self.loss_module,
+            self.parameters,
+            self.optimizer,
+            batch,
+            lr=lr,
+            grad_clip=self.config.grad_clip,
+            bf16=self.placement.is_cuda,
+        )
+
     def _train_epoch(
         self, epoch: int, steps: int, stream: TrainStream, bar: tqdm, tokens_per_step: int, flops: float
     ) -> dict[str, Any]:
@@ -540,15 +563,7 @@ class Trainer:
         for step_in_epoch in range(steps):
             lr = lr_at(self.state.step, config)
             batch = stream.next_batch().to(placement.device, non_blocking=True)
-            loss, grad_norm = train_step(
-                self.loss_module,
-                self.parameters,
-                self.optimizer,
-                batch,
-                lr=lr,
-                grad_clip=config.grad_clip,
-                bf16=placement.is_cuda,
-            )
+            loss, grad_norm = self._step(batch, lr)
             self.state.step += 1
             pending_losses.append(loss)
             pending_norms.append(grad_norm)

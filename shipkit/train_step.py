@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shipkit.model import CausalLM
+from shipkit.model import CausalLM, rope_cos_sin
 
 ADAM_EPS = 1e-8
 
@@ -32,22 +32,45 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, num_steps: int, min_lr_rat
 
 
 class LanguageModelLoss(nn.Module):
-    """Wraps the model so one compiled graph covers forward and the cross-entropy."""
+    """Wraps the model so one compiled graph covers forward and the cross-entropy.
 
-    def __init__(self, model: nn.Module) -> None:
+    `gpu_layout` selects the GPU training forward (see `CausalLM.final_hidden`): fused q/k/v
+    and gate/up products and a bfloat16 residual stream. The RoPE tables are computed once here
+    rather than inside every compiled step.
+    """
+
+    def __init__(self, model: CausalLM, *, gpu_layout: bool = False) -> None:
         super().__init__()
         self.model = model
+        config = model.config
+        device = next(model.parameters()).device
+        self.rope = rope_cos_sin(config.max_position_embeddings, config.head_dim, config.rope_theta, device)
+        self.gpu_layout = gpu_layout
+        self.residual_dtype = torch.bfloat16 if gpu_layout else None
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs)  # (B, T, vocab)
+        hidden = self.model.final_hidden(
+            inputs,
+            rope=self.rope,
+            fused_projections=self.gpu_layout,
+            residual_dtype=self.residual_dtype,
+        )
+        logits = self.model.lm_head(hidden)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def build_optimizer(
-    model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float, fused: bool
+    model: nn.Module,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    fused: bool,
+    capturable: bool = False,
 ) -> tuple[torch.optim.AdamW, list[list[str]]]:
     """AdamW with weight decay on matrices only (not norms or biases); returns it with the
-    parameter names of its two groups, in order."""
+    parameter names of its two groups, in order. `capturable` (CUDA) builds the fused optimizer
+    that `GraphedTrainStep` can capture: step counts and the learning rate live on the GPU."""
     named = list(model.named_parameters())
     decay = [(name, p) for name, p in named if p.dim() >= 2]
     no_decay = [(name, p) for name, p in named if p.dim() < 2]
@@ -55,7 +78,13 @@ def build_optimizer(
         {"params": [p for _, p in decay], "weight_decay": weight_decay},
         {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused)
+    if capturable:
+        device = named[0][1].device
+        optimizer = torch.optim.AdamW(
+            groups, lr=torch.tensor(lr, device=device), betas=betas, eps=ADAM_EPS, fused=True, capturable=True
+        )
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused)
     return optimizer, [[name for name, _ in decay], [name for name, _ in no_decay]]
 
 
@@ -77,10 +106,102 @@ def train_step(
     with autocast:
         loss = loss_module(batch[:, :-1], batch[:, 1:])
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip)
+    if optimizer.defaults.get("fused"):
+        grad_norm = _clip_inside_fused_step(optimizer, parameters, grad_clip)
+    else:
+        grad_norm = nn.utils.clip_grad_norm_(parameters, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm.detach()
+
+
+def _clip_inside_fused_step(
+    optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor], max_norm: float
+) -> torch.Tensor:
+    """Gradient clipping without its own pass over the gradients: the fused AdamW kernel divides
+    each gradient by `optimizer.grad_scale` (the hook AMP's GradScaler uses), so setting it to
+    1 / clip_grad_norm_'s coefficient clips while the optimizer reads the gradient anyway."""
+    norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    return norm
+
+
+class GraphedTrainStep:
+    """`train_step` as one CUDA graph: forward, backward, clipping and the AdamW update are
+    captured on the first call and replayed after, so a step is a single launch. Without it a
+    model-2 step on an H100 waits on Python issuing about a thousand kernels.
+
+    Needs the optimizer from `build_optimizer(..., capturable=True)` and batches of one shape.
+    Parameters, gradients and Adam moments keep their addresses across replays, so checkpoints,
+    evaluation and resume read and write them as usual between calls.
+    """
+
+    def __init__(
+        self,
+        loss_module: nn.Module,
+        parameters: list[torch.Tensor],
+        optimizer: torch.optim.AdamW,
+        *,
+        grad_clip: float,
+    ) -> None:
+        self.loss_module = loss_module
+        self.parameters = parameters
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_batch = torch.empty(0)
+        self.loss = torch.empty(0)
+        self.grad_norm = torch.empty(0)
+
+    def __call__(self, batch: torch.Tensor, *, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as `train_step`: the loss and the pre-clipping gradient norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
+        if self.graph is None:
+            self._capture(batch)
+        elif batch.shape != self.static_batch.shape:
+            raise ValueError(f"batch shape {tuple(batch.shape)} differs from the captured {tuple(self.static_batch.shape)}")
+        self.static_batch.copy_(batch)
+        self.graph.replay()
+        return self.loss.clone(), self.grad_norm.clone()
+
+    def _forward_backward(self) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = self.loss_module(self.static_batch[:, :-1], self.static_batch[:, 1:])
+        loss.backward()
+        return loss.detach()
+
+    def _capture(self, batch: torch.Tensor) -> None:
+        self.static_batch = batch.clone()
+        _initialize_adam_state(self.optimizer)
+        # Warm-up passes on a side stream compile the model and let cuBLAS/cuDNN choose and
+        # allocate before capture; they touch only gradients, which are dropped again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward_backward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._forward_backward()
+            self.grad_norm = _clip_inside_fused_step(self.optimizer, self.parameters, self.grad_clip)
+            self.optimizer.step()
+
+
+def _initialize_adam_state(optimizer: torch.optim.AdamW) -> None:
+    """Create the zero moments AdamW would create on its first step, so that the captured step
+    does not contain (and replay) their initialization. Loaded (resumed) state is kept."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if optimizer.state.get(param):
+                continue
+            optimizer.state[param] = {
+                "step": torch.zeros((), dtype=torch.float32, device=param.device),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
 
 
 def optimizer_tensors(
@@ -119,9 +240,13 @@ def load_optimizer_tensors(
     optimizer.load_state_dict(state_dict)
 
 
-def training_model(model: CausalLM, *, ddp_device_ids: list[int] | None, distributed: bool, compile_model: bool) -> nn.Module:
-    """The module a step calls: the loss wrapper, under DDP when distributed, compiled if asked."""
-    loss_module: nn.Module = LanguageModelLoss(model)
+def training_model(
+    model: CausalLM, *, ddp_device_ids: list[int] | None, distributed: bool, compile_model: bool
+) -> nn.Module:
+    """The module a step calls: the loss wrapper (GPU layout on CUDA), under DDP when
+    distributed, compiled if asked."""
+    gpu_layout = next(model.parameters()).is_cuda
+    loss_module: nn.Module = LanguageModelLoss(model, gpu_layout=gpu_layout)
     if distributed:
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=ddp_device_ids)
     return torch.compile(loss_module) if compile_model else loss_module

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count
+from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count, rope_cos_sin
 
 SMALL = dict(
     vocab_size=97,
@@ -88,3 +88,27 @@ def test_hidden_states_last_layer_feeds_logits() -> None:
         logits = model.lm_head(model.model.norm(states[-1]))
         assert len(states) == config.num_hidden_layers + 1
         assert torch.equal(logits, model(tokens))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_gpu_training_forward_options_keep_float32_hidden_states(architecture: str) -> None:
+    """Fused q/k/v and gate/up products and precomputed RoPE tables compute the same states."""
+    config = ModelConfig(architecture=architecture, **SMALL)
+    torch.manual_seed(0)
+    model = CausalLM(config)
+    input_ids = torch.randint(0, config.vocab_size, (2, 13))
+    rope = rope_cos_sin(config.max_position_embeddings, config.head_dim, config.rope_theta, torch.device("cpu"))
+    plain = model.final_hidden(input_ids)
+    assert torch.equal(model.lm_head(plain), model(input_ids))
+    assert torch.equal(model.final_hidden(input_ids, rope=rope), plain)
+    fused = model.final_hidden(input_ids, rope=rope, fused_projections=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_residual_stream_stays_close_to_float32() -> None:
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(**SMALL))
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 13))
+    plain = model.final_hidden(input_ids)
+    low = model.final_hidden(input_ids, residual_dtype=torch.bfloat16)
+    assert 0 < (low.float() - plain).abs().max() < 0.05
