@@ -4,11 +4,12 @@
     python benchmarks/bench_train.py --quick          # any machine: a tiny shape, a few steps
     python benchmarks/bench_train.py --json-out r.json
 
-shipkit runs the trainer's CUDA step: bf16 autocast, the GPU layout of the forward, fused AdamW
-with clipping folded in, one `torch.compile`d graph for forward + cross-entropy, and the whole
-step captured as one CUDA graph (`--no-cuda-graph` leaves that out). The reference is HF's
-model under bf16 autocast + fused AdamW + `torch.compile` through the same `train_step`, on the
-same random tokens. MFU = flops_per_token · tok/s / 989e12 (H100 dense bf16 peak),
+shipkit runs the trainer's single-GPU step (`shipkit.graphed_step`: a compiled bfloat16 working
+copy in the GPU layout, float32 master weights updated by its AdamW kernel, the whole step one
+CUDA graph); `--no-cuda-graph` runs the trainer's multi-GPU step on one GPU instead (bf16
+autocast, GPU layout, fused AdamW with clipping folded in, compiled forward + loss). The
+reference is HF's model under bf16 autocast + fused AdamW + `torch.compile` (through
+`shipkit.train_step.train_step`), on the same random tokens. MFU = flops_per_token · tok/s / 989e12 (H100 dense bf16 peak),
 flops_per_token = 6·N + 12·L·d·T (`shipkit.model.flops_per_token`).
 """
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import sys
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count  # noqa: E402
 from shipkit.presets import get_preset  # noqa: E402
-from shipkit.train_step import GraphedTrainStep, build_optimizer, train_step, training_model  # noqa: E402
+from shipkit.graphed_step import GraphedTrainStep  # noqa: E402
+from shipkit.train_step import build_optimizer, train_step, training_model  # noqa: E402
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
 QUICK_SHAPE = dict(
@@ -93,15 +97,22 @@ def _hf_model(config: ModelConfig) -> nn.Module:
     return transformers.LlamaForCausalLM(hf_config)
 
 
-def _loss_module(case: Case, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(the module whose parameters are trained, the module a step calls)."""
+def _step_function(case: Case, device: torch.device) -> tuple[nn.Module, Callable[..., tuple[torch.Tensor, torch.Tensor]]]:
+    """(the model, its optimizer step called as `step(batch, lr=...)`), built as the trainer does."""
     torch.manual_seed(0)
+    cuda = device.type == "cuda"
     if case.implementation == "shipkit":
-        model = CausalLM(case.config).to(device)
-        return model, training_model(model, ddp_device_ids=None, distributed=False, compile_model=case.compile_model)
-    model = _hf_model(case.config).to(device)
-    loss_module: nn.Module = HFLoss(model)
-    return model, torch.compile(loss_module) if case.compile_model else loss_module
+        model: nn.Module = CausalLM(case.config).to(device)
+        optimizer, _ = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda and not case.cuda_graph)
+        if case.cuda_graph:
+            return model, GraphedTrainStep(model, optimizer, grad_clip=1.0)
+        loss_module = training_model(model, ddp_device_ids=None, distributed=False, compile_model=case.compile_model)
+    else:
+        model = _hf_model(case.config).to(device)
+        optimizer, _ = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
+        loss_module = HFLoss(model)
+        loss_module = torch.compile(loss_module) if case.compile_model else loss_module
+    return model, functools.partial(train_step, loss_module, list(model.parameters()), optimizer, grad_clip=1.0, bf16=cuda)
 
 
 def _sync(device: torch.device) -> None:
@@ -115,12 +126,7 @@ def run_case(case: Case) -> dict[str, Any]:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, loss_module = _loss_module(case, device)
-    optimizer, _ = build_optimizer(
-        model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda, capturable=case.cuda_graph
-    )
-    parameters = list(model.parameters())
-    graphed = GraphedTrainStep(loss_module, parameters, optimizer, grad_clip=1.0) if case.cuda_graph else None
+    model, train_step_function = _step_function(case, device)
     generator = torch.Generator().manual_seed(1)
     batches = [
         torch.randint(0, case.config.vocab_size, (case.batch_size, case.seq_len + 1), generator=generator).to(device)
@@ -128,12 +134,7 @@ def run_case(case: Case) -> dict[str, Any]:
     ]
 
     def step(index: int) -> torch.Tensor:
-        if graphed is not None:
-            return graphed(batches[index % len(batches)], lr=3e-4)[0]
-        loss, _ = train_step(
-            loss_module, parameters, optimizer, batches[index % len(batches)], lr=3e-4, grad_clip=1.0, bf16=cuda
-        )
-        return loss
+        return train_step_function(batches[index % len(batches)], lr=3e-4)[0]
 
     started = time.perf_counter()
     for index in range(case.warmup_steps):
@@ -168,7 +169,7 @@ def run_case(case: Case) -> dict[str, Any]:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "final_loss": round(final_loss, 4),
     }
-    del model, loss_module, optimizer, batches
+    del model, train_step_function, batches
     return result
 
 

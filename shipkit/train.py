@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -20,7 +21,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,12 +38,12 @@ from shipkit.data import EmptyStreamError, TrainStream, validation_windows
 from shipkit.errors import InputError, TrainingError
 from shipkit.evidence import write_evidence
 from shipkit.fsutil import atomic_write, sha256_file, write_json
+from shipkit.graphed_step import GraphedTrainStep
 from shipkit.model import CausalLM, flops_per_token, parameter_count
 from shipkit.predict import judge_predictions, record_predictions
 from shipkit.presets import TrainConfig, apply_overrides
 from shipkit.tokenize import read_manifest, read_tokens
 from shipkit.train_step import (
-    GraphedTrainStep,
     build_optimizer,
     load_optimizer_tensors,
     optimizer_tensors,
@@ -357,21 +358,26 @@ class Trainer:
             lr=config.lr,
             betas=(config.beta1, config.beta2),
             weight_decay=config.weight_decay,
-            fused=placement.is_cuda,
-            capturable=graphed,
+            fused=placement.is_cuda and not graphed,  # the graphed step has its own update
         )
-        self.parameters = list(self.model.parameters())
-        self.loss_module = training_model(
-            self.model,
-            ddp_device_ids=[placement.local_rank] if placement.is_cuda else None,
-            distributed=placement.world_size > 1,
-            compile_model=self.compiled,
-        )
-        self.graphed_step = (
-            GraphedTrainStep(self.loss_module, self.parameters, self.optimizer, grad_clip=config.grad_clip)
-            if graphed
-            else None
-        )
+        self.run_step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+        if graphed:
+            self.run_step = GraphedTrainStep(self.model, self.optimizer, grad_clip=config.grad_clip)
+        else:
+            loss_module = training_model(
+                self.model,
+                ddp_device_ids=[placement.local_rank] if placement.is_cuda else None,
+                distributed=placement.world_size > 1,
+                compile_model=self.compiled,
+            )
+            self.run_step = functools.partial(
+                train_step,
+                loss_module,
+                list(self.model.parameters()),
+                self.optimizer,
+                grad_clip=config.grad_clip,
+                bf16=placement.is_cuda,
+            )
 
     # -- evidence ------------------------------------------------------------------------------
 
@@ -539,19 +545,6 @@ class Trainer:
                         file=sys.stderr,
                     )
 
-    def _step(self, batch: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graphed_step is not None:
-            return self.graphed_step(batch, lr=lr)
-        return train_step(
-            self.loss_module,
-            self.parameters,
-            self.optimizer,
-            batch,
-            lr=lr,
-            grad_clip=self.config.grad_clip,
-            bf16=self.placement.is_cuda,
-        )
-
     def _train_epoch(
         self, epoch: int, steps: int, stream: TrainStream, bar: tqdm, tokens_per_step: int, flops: float
     ) -> dict[str, Any]:
@@ -563,7 +556,7 @@ class Trainer:
         for step_in_epoch in range(steps):
             lr = lr_at(self.state.step, config)
             batch = stream.next_batch().to(placement.device, non_blocking=True)
-            loss, grad_norm = self._step(batch, lr)
+            loss, grad_norm = self.run_step(batch, lr=lr)
             self.state.step += 1
             pending_losses.append(loss)
             pending_norms.append(grad_norm)

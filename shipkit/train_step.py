@@ -60,17 +60,10 @@ class LanguageModelLoss(nn.Module):
 
 
 def build_optimizer(
-    model: nn.Module,
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    weight_decay: float,
-    fused: bool,
-    capturable: bool = False,
+    model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float, fused: bool
 ) -> tuple[torch.optim.AdamW, list[list[str]]]:
     """AdamW with weight decay on matrices only (not norms or biases); returns it with the
-    parameter names of its two groups, in order. `capturable` (CUDA) builds the fused optimizer
-    that `GraphedTrainStep` can capture: step counts and the learning rate live on the GPU."""
+    parameter names of its two groups, in order."""
     named = list(model.named_parameters())
     decay = [(name, p) for name, p in named if p.dim() >= 2]
     no_decay = [(name, p) for name, p in named if p.dim() < 2]
@@ -78,13 +71,7 @@ def build_optimizer(
         {"params": [p for _, p in decay], "weight_decay": weight_decay},
         {"params": [p for _, p in no_decay], "weight_decay": 0.0},
     ]
-    if capturable:
-        device = named[0][1].device
-        optimizer = torch.optim.AdamW(
-            groups, lr=torch.tensor(lr, device=device), betas=betas, eps=ADAM_EPS, fused=True, capturable=True
-        )
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=ADAM_EPS, fused=fused)
     return optimizer, [[name for name, _ in decay], [name for name, _ in no_decay]]
 
 
@@ -124,84 +111,6 @@ def _clip_inside_fused_step(
     norm = nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
     return norm
-
-
-class GraphedTrainStep:
-    """`train_step` as one CUDA graph: forward, backward, clipping and the AdamW update are
-    captured on the first call and replayed after, so a step is a single launch. Without it a
-    model-2 step on an H100 waits on Python issuing about a thousand kernels.
-
-    Needs the optimizer from `build_optimizer(..., capturable=True)` and batches of one shape.
-    Parameters, gradients and Adam moments keep their addresses across replays, so checkpoints,
-    evaluation and resume read and write them as usual between calls.
-    """
-
-    def __init__(
-        self,
-        loss_module: nn.Module,
-        parameters: list[torch.Tensor],
-        optimizer: torch.optim.AdamW,
-        *,
-        grad_clip: float,
-    ) -> None:
-        self.loss_module = loss_module
-        self.parameters = parameters
-        self.optimizer = optimizer
-        self.grad_clip = grad_clip
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_batch = torch.empty(0)
-        self.loss = torch.empty(0)
-        self.grad_norm = torch.empty(0)
-
-    def __call__(self, batch: torch.Tensor, *, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same contract as `train_step`: the loss and the pre-clipping gradient norm."""
-        for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr)
-        if self.graph is None:
-            self._capture(batch)
-        elif batch.shape != self.static_batch.shape:
-            raise ValueError(f"batch shape {tuple(batch.shape)} differs from the captured {tuple(self.static_batch.shape)}")
-        self.static_batch.copy_(batch)
-        self.graph.replay()
-        return self.loss.clone(), self.grad_norm.clone()
-
-    def _forward_backward(self) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = self.loss_module(self.static_batch[:, :-1], self.static_batch[:, 1:])
-        loss.backward()
-        return loss.detach()
-
-    def _capture(self, batch: torch.Tensor) -> None:
-        self.static_batch = batch.clone()
-        _initialize_adam_state(self.optimizer)
-        # Warm-up passes on a side stream compile the model and let cuBLAS/cuDNN choose and
-        # allocate before capture; they touch only gradients, which are dropped again.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward_backward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._forward_backward()
-            self.grad_norm = _clip_inside_fused_step(self.optimizer, self.parameters, self.grad_clip)
-            self.optimizer.step()
-
-
-def _initialize_adam_state(optimizer: torch.optim.AdamW) -> None:
-    """Create the zero moments AdamW would create on its first step, so that the captured step
-    does not contain (and replay) their initialization. Loaded (resumed) state is kept."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if optimizer.state.get(param):
-                continue
-            optimizer.state[param] = {
-                "step": torch.zeros((), dtype=torch.float32, device=param.device),
-                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-            }
 
 
 def optimizer_tensors(
