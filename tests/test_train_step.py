@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model import SMALL as SMALL_SHAPE
 
+from shipkit.graphed_step import GraphedTrainStep
 from shipkit.model import CausalLM, ModelConfig
 from shipkit.presets import apply_overrides, get_preset
 from shipkit.train import Trainer, resume, train
-from shipkit.graphed_step import GraphedTrainStep
 from shipkit.train_step import LanguageModelLoss, build_optimizer, optimizer_tensors, train_step, training_model
 
-SMALL = ModelConfig(
-    vocab_size=211,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+SMALL = ModelConfig(**SMALL_SHAPE)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
