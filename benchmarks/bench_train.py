@@ -9,8 +9,8 @@ copy in the GPU layout, float32 master weights updated by its AdamW kernel, the 
 CUDA graph); `--no-cuda-graph` runs the trainer's multi-GPU step on one GPU instead (bf16
 autocast, GPU layout, fused AdamW with clipping folded in, compiled forward + loss). The
 reference is HF's model under bf16 autocast + fused AdamW + `torch.compile` (through
-`shipkit.train_step.train_step`), on the same random tokens. MFU = flops_per_token · tok/s / 989e12 (H100 dense bf16 peak),
-flops_per_token = 6·N + 12·L·d·T (`shipkit.model.flops_per_token`).
+`shipkit.train_step.train_step`), on the same random tokens. MFU = flops_per_token · tok/s /
+989e12 (H100 dense bf16 peak), flops_per_token = 6·N + 12·L·d·T (`shipkit.model.flops_per_token`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import platform
 import sys
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shipkit.graphed_step import GraphedTrainStep  # noqa: E402
 from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count  # noqa: E402
 from shipkit.presets import get_preset  # noqa: E402
-from shipkit.graphed_step import GraphedTrainStep  # noqa: E402
 from shipkit.train_step import build_optimizer, train_step, training_model  # noqa: E402
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
