@@ -45,7 +45,7 @@ def _render_summary(evidence: dict[str, Any]) -> str:
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), help="RUN_DIR to create.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None, help="Continue this RUN_DIR from its last saved epoch.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--no-compile", is_flag=True, help="Do not torch.compile the model on CUDA.")
+@click.option("--no-compile", is_flag=True, help="On CUDA: no torch.compile and no one-graph step (autocast + fused AdamW, eager).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--predict", "predictions", multiple=True, metavar="EXPR",
               help='A falsifiable prediction recorded before training and judged at the end, '
