@@ -33,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shipkit.export import hf_config as hf_config_dict  # noqa: E402
 from shipkit.graphed_step import GraphedTrainStep  # noqa: E402
 from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count  # noqa: E402
 from shipkit.presets import get_preset  # noqa: E402
@@ -79,21 +80,10 @@ class HFLoss(nn.Module):
 
 
 def _hf_model(config: ModelConfig) -> nn.Module:
+    """HF's model of the same shape, from the config.json that `shipkit export` writes."""
     import transformers
 
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attn_implementation="sdpa",
-    )
+    hf_config = transformers.LlamaConfig(**hf_config_dict(config, torch.float32), attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(hf_config)
 
 
