@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_train import MICRO
 
 from shipkit.cli import main
 from shipkit.compare import compare_runs
@@ -14,19 +15,7 @@ from shipkit.evidence import read_evidence
 from shipkit.presets import apply_overrides, get_preset
 from shipkit.train import train
 
-SHORT_RUN = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "seq_len": 16,
-    "batch_size": 2,
-    "num_steps": 2,
-    "steps_per_epoch": 1,
-    "warmup_steps": 1,
-    "val_tokens": 64,
-}
+SHORT_RUN = {**MICRO, "num_steps": 2, "steps_per_epoch": 1}
 
 
 @pytest.fixture(scope="module")
