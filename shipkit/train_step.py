@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shipkit.fused_loss import linear_cross_entropy
 from shipkit.model import CausalLM, rope_cos_sin
 
 ADAM_EPS = 1e-8
@@ -32,11 +33,12 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, num_steps: int, min_lr_rat
 
 
 class LanguageModelLoss(nn.Module):
-    """Wraps the model so one compiled graph covers forward and the cross-entropy.
+    """Wraps the model so one compiled module covers forward and the cross-entropy.
 
     `gpu_layout` selects the GPU training forward (see `CausalLM.final_hidden`): fused q/k/v
-    and gate/up products and a bfloat16 residual stream. The RoPE tables are computed once here
-    rather than inside every compiled step.
+    and gate/up products, a bfloat16 residual stream and, on CUDA, the LM head and loss as one
+    node (`shipkit.fused_loss`). The RoPE tables are computed once here rather than inside every
+    compiled step.
     """
 
     def __init__(self, model: CausalLM, *, gpu_layout: bool = False) -> None:
@@ -47,6 +49,7 @@ class LanguageModelLoss(nn.Module):
         self.rope = rope_cos_sin(config.max_position_embeddings, config.head_dim, config.rope_theta, device)
         self.gpu_layout = gpu_layout
         self.residual_dtype = torch.bfloat16 if gpu_layout else None
+        self.fused_loss = gpu_layout and device.type == "cuda"
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model.final_hidden(
@@ -55,6 +58,8 @@ class LanguageModelLoss(nn.Module):
             fused_projections=self.gpu_layout,
             residual_dtype=self.residual_dtype,
         )
+        if self.fused_loss:
+            return linear_cross_entropy(hidden, self.model.lm_head.weight, targets)
         logits = self.model.lm_head(hidden)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 

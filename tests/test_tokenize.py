@@ -127,6 +127,20 @@ def test_read_tokens_rejects_a_shard_that_disagrees_with_the_manifest(tmp_path: 
         read_tokens(tokens_dir, "val")
 
 
+def test_read_tokens_rejects_a_token_id_outside_the_vocabulary(tmp_path: Path, tiny_tokens_dir: Path) -> None:
+    """An id the model has no row for must stop training before any step (CUDA kernels would
+    not catch it)."""
+    tokens_dir = tmp_path / "tokens"
+    manifest = json.loads((tiny_tokens_dir / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    manifest["splits"]["val"]["shards"] = [{"file": "val-00000.tok", "tokens": 3, "docs": 1, "sha256": ""}]
+    tokens_dir.mkdir()
+    (tokens_dir / "manifest.json").write_text(json.dumps(manifest))
+    _write_shard(tokens_dir / "val-00000.tok", np.array([1, vocab, 2], dtype=np.uint16))
+    with pytest.raises(IntegrityError, match=f"val-00000.tok: token id {vocab} is outside the vocabulary of {vocab}"):
+        read_tokens(tokens_dir, "val")
+
+
 def test_read_tokens_without_manifest_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="tokenize encode"):
         read_tokens(tmp_path, "train")
