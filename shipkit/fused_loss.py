@@ -67,13 +67,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
-        vocab = weight.shape[0]
+        n_rows, vocab = rows.shape[0], weight.shape[0]
         # Zero rows pad the vocabulary so that every logits row starts 16-byte aligned (vector
         # loads in the kernel); their logits are 0 and their gradient stays 0.
         head = F.pad(weight.to(torch.bfloat16), (0, 0, 0, -vocab % VOCAB_ALIGN))
         logits = rows @ head.t()
-        losses = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-        n_rows = rows.shape[0]
+        losses = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
         _loss_kernel()[(min(n_rows, LOSS_PROGRAMS),)](
             logits, targets.reshape(-1).contiguous(), losses, logits.stride(0), 1.0 / n_rows,
             n_rows=n_rows, n_cols=vocab, BLOCK=LOSS_BLOCK, num_warps=LOSS_WARPS,

@@ -144,7 +144,8 @@ def read_tokens(tokens_dir: str | os.PathLike[str], split: str) -> TokenSplit:
     """Memory-map every shard of `split` ("train" or "val") listed in the folder's manifest.
 
     Raises IntegrityError naming the file when a header is bad, a shard's token count differs
-    from the manifest or a token id is outside the manifest's vocabulary; InputError when the folder has no manifest or the split is unknown.
+    from the manifest or a token id is outside the manifest's vocabulary; InputError when the
+    folder has no manifest or the split is unknown.
     """
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -157,9 +158,10 @@ def read_tokens(tokens_dir: str | os.PathLike[str], split: str) -> TokenSplit:
             raise IntegrityError(
                 f"{tokens_dir / info['file']}: {len(shard)} tokens but {MANIFEST_NAME} lists {info['tokens']}"
             )
-        if len(shard) and int(shard.max()) >= manifest["vocab_size"]:
+        largest_id = int(shard.max()) if len(shard) else -1
+        if largest_id >= manifest["vocab_size"]:
             raise IntegrityError(
-                f"{tokens_dir / info['file']}: token id {int(shard.max())} is outside the vocabulary "
+                f"{tokens_dir / info['file']}: token id {largest_id} is outside the vocabulary "
                 f"of {manifest['vocab_size']} in {MANIFEST_NAME}; re-run `shipkit tokenize encode`"
             )
         shards.append(shard)
