@@ -2,7 +2,8 @@
 
 The folder holds `config.json` (written so transformers v4 and v5 both read it), the weights as
 `model.safetensors` (or shards plus `model.safetensors.index.json`), the tokenizer files and
-`generation_config.json`. Tensor names are already HF's (see `shipkit.model`), so the weights are
+`generation_config.json`. An imported model's tokenizer files (tokenizer_config.json with its chat
+template, special_tokens_map.json, chat_template.jinja) are written back as they came. Tensor names are already HF's (see `shipkit.model`), so the weights are
 copied byte for byte. Format details: docs/release.md.
 """
 
@@ -20,13 +21,19 @@ from shipkit.apr import read_apr
 from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import atomic_write, sha256_file, write_json
 from shipkit.model import ModelConfig
+from shipkit.tokenizer_contract import (
+    CARRIED_FILES,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
 
 # transformers' own save_pretrained default shard limit ("5GB", decimal).
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Values HF configs carry that our ModelConfig fixes by construction.
 INITIALIZER_RANGE = 0.02  # std of shipkit.model.CausalLM._init_weights
 HIDDEN_ACT = "silu"  # SwiGLU gate
@@ -76,20 +83,26 @@ def export_hf(
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.eos_token_id,
     })
-    with atomic_write(out_dir / TOKENIZER_FILE, "wb") as handle:
-        handle.write(tokenizer_src.read_bytes())
-    special = {"bos_token": bos, "eos_token": eos, "pad_token": eos, "unk_token": eos}
-    write_json(out_dir / "special_tokens_map.json", special)
-    write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": config.max_position_embeddings,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        **special,
-    })
-    files = ["config.json", "generation_config.json", *weight_files, "special_tokens_map.json",
-             TOKENIZER_FILE, "tokenizer_config.json"]
+    carried = [TOKENIZER_FILE, *(name for name in CARRIED_FILES
+                                 if name != TOKENIZER_FILE and (tokenizer_src.parent / name).is_file())]
+    for name in carried:
+        source = tokenizer_src if name == TOKENIZER_FILE else tokenizer_src.parent / name
+        with atomic_write(out_dir / name, "wb") as handle:
+            handle.write(source.read_bytes())
+    if TOKENIZER_CONFIG_FILE not in carried:
+        # A tokenizer shipkit trained: describe it as the tokens stage uses it (no BOS, EOT-separated).
+        special = {"bos_token": bos, "eos_token": eos, "pad_token": eos, "unk_token": eos}
+        write_json(out_dir / SPECIAL_TOKENS_MAP_FILE, special)
+        write_json(out_dir / TOKENIZER_CONFIG_FILE, {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": config.max_position_embeddings,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            **special,
+        })
+        carried += [SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE]
+    files = ["config.json", "generation_config.json", *weight_files, *sorted(set(carried))]
     shards = sum(name.endswith(".safetensors") for name in weight_files)
     return ExportReport(out_dir=out_dir, files=sorted(files), shards=shards,
                         tensor_count=len(checkpoint.tensors), total_bytes=total_bytes)
@@ -97,7 +110,8 @@ def export_hf(
 
 def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """config.json for `config`: v5 names (`rope_parameters`, `dtype`) beside the v4 ones
-    (`rope_theta`, `torch_dtype`), each version ignoring the keys it does not know."""
+    (`rope_theta`, `rope_scaling`, `torch_dtype`), each version ignoring the keys it does not
+    know (both read a set `rope_scaling` first, so the two RoPE entries say the same)."""
     dtype_name = str(dtype).removeprefix("torch.")
     data: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURES[config.architecture]],
@@ -114,8 +128,9 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "initializer_range": INITIALIZER_RANGE,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+        "rope_parameters": {"rope_type": "default", **(config.rope_scaling or {}),
+                            "rope_theta": config.rope_theta},
         "attention_dropout": 0.0,
         "tie_word_embeddings": config.tie_word_embeddings,
         "use_cache": True,
@@ -126,9 +141,13 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
     if config.architecture == "llama":
         data |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    elif config.architecture == "mistral":
+        data |= {"sliding_window": None}
     else:
         data |= {"use_sliding_window": False, "sliding_window": None,
                  "max_window_layers": config.num_hidden_layers}
+    if config.architecture == "qwen3":
+        data |= {"attention_bias": False}
     return data
 
 

@@ -321,7 +321,31 @@ def parity_gates(view: RunView) -> list[Gate]:
     gates.append(Gate("parity.tensors", "PARITY", DISCHARGED if tensors["verdict"] == "PASS" else FAILED,
                       "; ".join(entry["cause"] for entry in tensors["flagged"]) or "every tensor within rel_rmse",
                       [ref(PARITY, "tensors.worst[0]", worst)]))
+    gates.append(_parity_tokenizer(parity["tokenizer"]))
     return gates
+
+
+def _parity_tokenizer(tokenizer: dict[str, Any]) -> Gate:
+    """llama.cpp reading the GGUF tokenizes the val text, adds BOS/EOS and renders the chat
+    template as the HF tokenizer does."""
+    status = {"PASS": DISCHARGED, "FAIL": FAILED, "SKIPPED": PARTIAL}[tokenizer["verdict"]]
+    if tokenizer["verdict"] == "SKIPPED":
+        return Gate("parity.tokenizer", "PARITY", status, tokenizer["note"],
+                    [ref(PARITY, "tokenizer.verdict", "SKIPPED")])
+    documents = tokenizer["documents"]
+    detail = (f"{documents['documents_compared'] - documents['documents_differing']}/"
+              f"{documents['documents_compared']} val documents tokenized alike "
+              f"(pre-tokenizer {tokenizer['pre']!r}), BOS/EOS {tokenizer['special_tokens']['verdict']}, "
+              f"chat template {tokenizer['chat_template']['verdict']}")
+    first = documents["first_difference"]
+    if first is not None:
+        detail += f"; first difference in document {first['document']} at token {first['position']}: {first['text']!r}"
+    chat = tokenizer["chat_template"]
+    if chat["verdict"] == "FAIL" or chat.get("builtin_first_difference") is not None:
+        detail += f"; chat template: {chat['note']}"
+    return Gate("parity.tokenizer", "PARITY", status, detail,
+                [ref(PARITY, "tokenizer.verdict", tokenizer["verdict"]),
+                 ref(PARITY, "tokenizer.documents.documents_differing", documents["documents_differing"])])
 
 
 def _parity_check(gate_id: str, field_name: str, check: dict[str, Any]) -> Gate:
@@ -496,10 +520,12 @@ def _gguf_gate(view: RunView, file_type: str, reason: str) -> Gate:
     from gguf import GGUFReader
 
     from shipkit.quantize import mix
+    from shipkit.quantize.tensor_names import GGUF_ARCHITECTURES
 
     gate_id = f"release.gguf.{file_type}"
     wanted = int(mix.file_type(file_type).ftype)
     architecture = (view.metadata or {}).get("config", {}).get("architecture")
+    architecture = GGUF_ARCHITECTURES.get(architecture, architecture)  # mistral runs as llama
     seen = []
     for path in _gguf_files(view.run_dir):
         relative = path.relative_to(view.run_dir).as_posix()

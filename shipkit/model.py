@@ -1,13 +1,14 @@
 """A Llama-style decoder in plain torch (RMSNorm, RoPE, SwiGLU, grouped-query attention).
 
-Parameter names follow Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM`
-(`model.layers.N.self_attn.q_proj.weight`, ...) so HF export is a rename-free copy, and the
-rotary embedding uses HF's rotate-half layout.
+Parameter names follow Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` /
+`Qwen2ForCausalLM` / `Qwen3ForCausalLM` (`model.layers.N.self_attn.q_proj.weight`, ...) so HF
+export is a rename-free copy, and the rotary embedding uses HF's rotate-half layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +18,26 @@ from torch import nn
 
 from shipkit.errors import InputError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# HF model_type values: mistral is a llama without biases; qwen2 adds q/k/v biases; qwen3 adds
+# per-head RMSNorms on q and k.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA3_ROPE_TYPE = "llama3"
+# The fields of a llama3 `rope_scaling` besides rope_type (transformers' names), all required.
+LLAMA3_ROPE_FIELDS: dict[str, type] = {
+    "factor": float,
+    "low_freq_factor": float,
+    "high_freq_factor": float,
+    "original_max_position_embeddings": int,
+}
+# llama.cpp applies per-frequency RoPE factors (rope_freqs.weight) only in its llama arch.
+ROPE_SCALING_ARCHITECTURES = ("llama", "mistral")
 
 
 @dataclass
 class ModelConfig:
     """Architecture of a decoder; field names are those of HF's config.json."""
 
-    architecture: str = "llama"  # "llama" or "qwen2" (q/k/v biases)
+    architecture: str = "llama"  # one of SUPPORTED_ARCHITECTURES (HF's model_type)
     vocab_size: int = 50257
     hidden_size: int = 1024
     intermediate_size: int = 2816
@@ -37,6 +50,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 0
     eos_token_id: int = 0
+    # None: hidden_size // num_attention_heads, filled in on construction (as transformers does).
+    head_dim: int | None = None
+    # None (plain RoPE), or llama3 RoPE: {"rope_type": "llama3", **LLAMA3_ROPE_FIELDS}.
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -44,25 +61,41 @@ class ModelConfig:
                 f"config field architecture: {self.architecture!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        if self.hidden_size % self.num_attention_heads:
-            raise InputError("config field hidden_size: must be a multiple of num_attention_heads")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise InputError(
+                    "config field hidden_size: must be a multiple of num_attention_heads "
+                    "(or set head_dim)"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise InputError(f"config field head_dim: {self.head_dim} must be even (RoPE rotates pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise InputError(
                 "config field num_key_value_heads: must divide num_attention_heads"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        if self.rope_scaling is not None:
+            self.rope_scaling = _llama3_rope_scaling(self.rope_scaling, self.architecture)
 
     @property
     def attention_bias(self) -> bool:
         return self.architecture == "qwen2"
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's RMSNorm over each head of q and k, before RoPE."""
+        return self.architecture == "qwen3"
+
+    @property
+    def attention_size(self) -> int:
+        """Width of the attention output (heads × head_dim), o_proj's input; hidden_size unless
+        head_dim was set apart."""
+        return self.num_attention_heads * self.head_dim
+
     def expected_tensor_count(self) -> int:
-        """9 tensors a layer (+3 biases for qwen2), plus embeddings, final norm, and lm_head
-        unless tied: a Llama with L layers has 9·L+3 untied, 9·L+2 tied."""
-        per_layer = 12 if self.attention_bias else 9
+        """9 tensors a layer (+3 biases for qwen2, +2 q/k norms for qwen3), plus embeddings, final
+        norm, and lm_head unless tied: a Llama with L layers has 9·L+3 untied, 9·L+2 tied."""
+        per_layer = 9 + (3 if self.attention_bias else 0) + (2 if self.qk_norm else 0)
         return per_layer * self.num_hidden_layers + (2 if self.tie_word_embeddings else 3)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,11 +103,41 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config of `to_dict()`; a dict written before head_dim/rope_scaling existed loads
+        with their defaults."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(f"model config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
+
+
+def _llama3_rope_scaling(scaling: Any, architecture: str) -> dict[str, Any]:
+    """`scaling` checked and normalised to rope_type plus LLAMA3_ROPE_FIELDS with their types."""
+    if not isinstance(scaling, dict):
+        raise InputError(f"config field rope_scaling: expected a dict or null, got {scaling!r}")
+    rope_type = scaling.get("rope_type")
+    if rope_type != LLAMA3_ROPE_TYPE:
+        raise InputError(f"config field rope_scaling.rope_type: {rope_type!r} is not supported "
+                         f"(only {LLAMA3_ROPE_TYPE!r}, or rope_scaling null)")
+    if architecture not in ROPE_SCALING_ARCHITECTURES:
+        raise InputError(f"config field rope_scaling: llama3 RoPE is supported for "
+                         f"{', '.join(ROPE_SCALING_ARCHITECTURES)} only, not {architecture}")
+    expected = {"rope_type", *LLAMA3_ROPE_FIELDS}
+    missing, unknown = sorted(expected - set(scaling)), sorted(set(scaling) - expected)
+    if missing or unknown:
+        raise InputError(f"config field rope_scaling: missing {missing}, unknown {unknown}")
+    normalised: dict[str, Any] = {"rope_type": LLAMA3_ROPE_TYPE}
+    for name, kind in LLAMA3_ROPE_FIELDS.items():
+        value = scaling[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+                or kind(value) != value:
+            raise InputError(f"config field rope_scaling.{name}: expected a positive "
+                             f"{kind.__name__}, got {value!r}")
+        normalised[name] = kind(value)
+    if normalised["high_freq_factor"] <= normalised["low_freq_factor"]:
+        raise InputError("config field rope_scaling.high_freq_factor: must exceed low_freq_factor")
+    return normalised
 
 
 class RMSNorm(nn.Module):
@@ -90,15 +153,49 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(
+    head_dim: int, theta: float, device: torch.device, scaling: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """(hs/2,) RoPE inverse frequencies, those of transformers for default and llama3 RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    return inv_freq if scaling is None else llama3_inv_freq(inv_freq, scaling)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's RoPE (transformers' `_compute_llama3_parameters`): frequencies whose wavelength
+    is short against the original context are kept, long ones are divided by `factor`, and those
+    in between are blended linearly in original_context / wavelength."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original_context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    kept = wavelength < original_context / high
+    divided = wavelength > original_context / low
+    return torch.where(kept, inv_freq, torch.where(divided, inv_freq / factor, blended))
+
+
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device,
+    scaling: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (T, hs) in HF's rotate-half layout (frequencies repeated twice)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, device, scaling)
     positions = torch.arange(seq_len, device=device).float()
     freqs = torch.outer(positions, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def rope_tables(
+    config: ModelConfig, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_cos_sin` for `config` (its head_dim, theta and RoPE scaling)."""
+    return rope_cos_sin(seq_len, config.head_dim, config.rope_theta, device, config.rope_scaling)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,6 +215,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        # Qwen3 normalises each head of q and k (weights of size hs); Identity holds no weights.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
     def _qkv(self, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not fused:
@@ -133,10 +233,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self._qkv(x, fused)
-        # RoPE on the (B, T, heads, hs) layout the projections produce, then (B, heads, T, hs).
+        # q/k norm and RoPE on the (B, T, heads, hs) layout the projections produce, then
+        # (B, heads, T, hs).
         cos, sin = cos[:, None, :], sin[:, None, :]
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim))
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim))
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
@@ -204,9 +307,7 @@ class CausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """The residual stream after the embedding and after each layer: L+1 tensors (B, T, d)."""
-        cos, sin = rope_cos_sin(
-            input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device
-        )
+        cos, sin = rope_tables(self.config, input_ids.shape[1], input_ids.device)
         x = self.model.embed_tokens(input_ids)
         states = [x]
         for layer in self.model.layers:
@@ -225,13 +326,13 @@ class CausalLM(nn.Module):
         """(B, T) token ids -> (B, T, d) normed last hidden state, the LM head's input.
 
         The keywords are for GPU training and leave the weights and their names alone: `rope`
-        passes precomputed `rope_cos_sin` tables of at least T rows, `fused_projections` runs
+        passes precomputed `rope_tables` of at least T rows, `fused_projections` runs
         q/k/v and gate/up as one product each (the weights are concatenated inside the step),
         `residual_dtype` carries the residual stream in that dtype.
         """
         T = input_ids.shape[1]
         if rope is None:
-            rope = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, input_ids.device)
+            rope = rope_tables(self.config, T, input_ids.device)
         cos, sin = rope[0][:T], rope[1][:T]
         x = self.model.embed_tokens(input_ids)
         if residual_dtype is not None:
@@ -269,17 +370,22 @@ def parameter_count(config: ModelConfig) -> int:
         config.num_hidden_layers,
         config.vocab_size,
     )
+    q = config.attention_size
     kv = config.num_key_value_heads * config.head_dim
-    attention = d * d * 2 + d * kv * 2 + ((d + 2 * kv) if config.attention_bias else 0)
+    attention = d * q * 2 + d * kv * 2  # q_proj and o_proj, k_proj and v_proj
+    if config.attention_bias:
+        attention += q + 2 * kv
+    if config.qk_norm:
+        attention += 2 * config.head_dim
     per_layer = attention + 3 * d * f + 2 * d
     head = 0 if config.tie_word_embeddings else V * d
     return V * d + L * per_layer + d + head
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N (non-embedding matmuls incl. head) + 12·L·d·T (attention)."""
+    """Training FLOPs per token: 6·N (non-embedding matmuls incl. head) + 12·L·a·T (attention
+    scores and values over a = heads × head_dim)."""
     n_params = parameter_count(config) - config.vocab_size * config.hidden_size
     if config.tie_word_embeddings:
         n_params += config.vocab_size * config.hidden_size
-    return 6.0 * n_params + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
-
+    return 6.0 * n_params + 12.0 * config.num_hidden_layers * config.attention_size * seq_len

@@ -12,7 +12,6 @@ Field-by-field meaning of the evidence: docs/parity.md.
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 import platform
 import tempfile
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -35,8 +33,10 @@ from shipkit.contract import Contract, Threshold, load_contract
 from shipkit.errors import InputError, IntegrityError
 from shipkit.evidence import write_evidence
 from shipkit.fsutil import sha256_file
+from shipkit.llama_runtime import bindings
 from shipkit.model import CausalLM, ModelConfig, parameter_count
 from shipkit.tokenize import read_tokens
+from shipkit.tokenizer_fidelity import DEFAULT_TOKEN_BUDGET, check_tokenizer, skipped_section
 
 SCHEMA_VERSION = 1
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
@@ -52,6 +52,9 @@ MATCH_REL_RMSE = 0.5
 # llama.cpp's name for the residual stream after layer N (llama-graph: `cb(cur, "l_out", il)`).
 LAYER_OUTPUT_PREFIX = "l_out-"
 GGML_TYPE_F32 = 0  # enum ggml_type
+# Config fields a GGUF takes from the tokenizer's contract, not from config.json (Llama 3.1's
+# config.json lists three EOS ids, its tokenizer names <|eot_id|>): they do not change the logits.
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")
 NO_LAYERS_NOTE = "this llama.cpp build named no l_out-N tensors, so no per-layer cosine"
 
 
@@ -248,12 +251,17 @@ class LlamaCppModel:
     via the graph-evaluation callback, each layer's output (the `l_out-N` tensors)."""
 
     def __init__(self, path: Path, ctx: int, threads: int) -> None:
-        llama = _llama_cpp_api()
+        llama = bindings()
         self._api = llama
         self._ggml = _ggml_api()
         self._layers: dict[int, np.ndarray] = {}
         self._callback = llama.ggml_backend_sched_eval_callback(self._on_tensor)  # kept alive here
-        self.model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+        model_params = llama.llama_model_default_params()
+        # ggml's extra CPU buffer types (AMX tiles, repacked Q4_K/Q8_0 layouts) crash llama_decode
+        # on batches of more than one token on AMX machines (llama-cpp-python 0.3.36); the plain
+        # CPU kernels compute the same products.
+        model_params.use_extra_bufts = False
+        self.model = llama.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise IntegrityError(f"{path}: llama.cpp cannot load this GGUF (a conversion bug, or a feature llama.cpp lacks)")
         params = llama.llama_context_default_params()
@@ -306,17 +314,6 @@ class LlamaCppModel:
         self._api.llama_batch_free(self.batch)
         self._api.llama_free(self.context)
         self._api.llama_model_free(self.model)
-
-
-def _llama_cpp_api() -> ModuleType:
-    """llama-cpp-python's low-level bindings, with its log output limited to errors."""
-    try:
-        from llama_cpp import llama_cpp as api
-    except ImportError:
-        raise InputError("--engine llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-    api.llama_backend_init()
-    return api
 
 
 @cache
@@ -528,6 +525,7 @@ class ParityOptions:
     threads: int = 1  # llama.cpp threads spin-wait, so extra threads on busy cores slow it down
     contract: Path | None = None
     run_dir: Path | None = None
+    tokenizer_tokens: int = DEFAULT_TOKEN_BUDGET  # val text tokens the tokenizer check compares
 
 
 def run_parity(options: ParityOptions) -> dict[str, Any]:
@@ -545,7 +543,12 @@ def run_parity(options: ParityOptions) -> dict[str, Any]:
     _check_inputs(base, quant, windows)
     with tempfile.TemporaryDirectory(prefix="shipkit-parity-") as scratch:
         measured = _measure(options, base, quant, windows, contract.parity.agreement, Path(scratch))
-    evidence = _evidence(options, contract, base, quant, windows, measured)
+    if LLAMA_CPP in options.engines:
+        tokenizer = check_tokenizer(quant.path, options.tokens_dir, base.config.to_dict(),
+                                    token_budget=options.tokenizer_tokens)
+    else:
+        tokenizer = skipped_section("the tokenizer check reads the GGUF with llama.cpp (--engine both)")
+    evidence = _evidence(options, contract, base, quant, windows, measured, tokenizer)
     if options.run_dir is not None:
         write_evidence(options.run_dir, "parity", evidence)
     return evidence
@@ -567,6 +570,8 @@ def _config_differences(base: ModelConfig, quant: ModelConfig) -> list[str]:
     """Fields that differ; floats are compared at float32 precision, which is what GGUF stores."""
     differing = []
     for name, value in base.to_dict().items():
+        if name in TOKEN_ID_FIELDS:
+            continue
         other = getattr(quant, name)
         same = math.isclose(value, other, rel_tol=1e-6) if isinstance(value, float) else value == other
         if not same:
@@ -657,7 +662,7 @@ def _agrees(stats: PositionStats, thresholds: dict[str, Threshold]) -> bool:
 
 
 def _evidence(options: ParityOptions, contract: Contract, base: LoadedModel, quant: LoadedModel, windows: Windows,
-              measured: Measured) -> dict[str, Any]:
+              measured: Measured, tokenizer: dict[str, Any]) -> dict[str, Any]:
     parameters = parameter_count(base.config)
     band, thresholds = contract.parity.thresholds_for(parameters)
     failures: list[str] = []
@@ -677,6 +682,9 @@ def _evidence(options: ParityOptions, contract: Contract, base: LoadedModel, qua
     if tensors["verdict"] == FAIL:
         failures.append("tensors.rel_rmse")
         causes += [entry["cause"] for entry in tensors["flagged"]]
+    if tokenizer["verdict"] == FAIL:
+        failures += [f"tokenizer.{part}" for part in tokenizer["failed"]]
+        causes.append(_tokenizer_cause(tokenizer))
     verdict = FAIL if failures else PASS
     return {
         "schema_version": SCHEMA_VERSION,
@@ -711,7 +719,20 @@ def _evidence(options: ParityOptions, contract: Contract, base: LoadedModel, qua
         "engines": engines,
         "agreement": agreement,
         "tensors": tensors,
+        "tokenizer": tokenizer,
     }
+
+
+def _tokenizer_cause(tokenizer: dict[str, Any]) -> str:
+    first = tokenizer["documents"]["first_difference"]
+    if first is not None:
+        return (f"tokenizer: llama.cpp tokenizes {tokenizer['documents']['documents_differing']} val "
+                f"document(s) differently from the HF tokenizer (the GGUF's pre-tokenizer "
+                f"{tokenizer['gguf_pre']!r}, the tokenizer's {tokenizer['pre']!r}); "
+                f"first at document {first['document']}, token {first['position']}: {first['text']!r}")
+    if "special_tokens" in tokenizer["failed"]:
+        return "tokenizer: llama.cpp adds BOS/EOS differently from the HF tokenizer"
+    return f"tokenizer: chat template: {tokenizer['chat_template'].get('note')}"
 
 
 def _band_reason(contract: Contract, band: str) -> str:

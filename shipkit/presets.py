@@ -135,6 +135,8 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
             known = ", ".join(sorted(MODEL_FIELDS) + sorted(TRAIN_FIELDS))
             raise InputError(f"--set {name}: unknown field (known: {known})")
         target[name] = _parse_value(name, value, current) if isinstance(value, str) else value
+    if model_changes.keys() & {"hidden_size", "num_attention_heads"} and "head_dim" not in model_changes:
+        model_changes["head_dim"] = None  # follow the new shape, as it did before head_dim was a field
     model = dataclasses.replace(config.model, **model_changes)
     return dataclasses.replace(config, model=model, **train_changes)
 

@@ -60,6 +60,7 @@ class ModelSpec:
     hf_dir: str | None = None
     base_model: str | None = None
     license: str | None = None
+    pre: str | None = None  # llama.cpp pre-tokenizer name, for a tokenizer import cannot recognise
     # quantize, parity, release
     quant_types: list[str] = field(default_factory=lambda: [QUANT_TYPE])
     parity_tokens: int = 8192
@@ -221,8 +222,8 @@ class ModelShipper:
         spec = self.spec
         if spec.source == "import":
             self.stage("import", {"hf_dir": spec.hf_dir, "hf": _folder_digest(Path(spec.hf_dir)),
-                                  "base_model": spec.base_model, "license": spec.license},
-                       [], [self.checkpoint, self.run_dir / "tokenizer.json"], self._import)
+                                  "base_model": spec.base_model, "license": spec.license, "pre": spec.pre},
+                       [], [self.checkpoint.parent, self.run_dir / "tokenizer.json"], self._import)
         self.stage("corpus", self._corpus_settings(), [], [self.corpus_dir], self._corpus)
         tokenizer_reads = ["import"] if spec.source == "import" else []
         self.stage("tokens", {"vocab_size": spec.vocab_size, "source": spec.source},
@@ -254,10 +255,11 @@ class ModelShipper:
 
     def _import(self) -> str:
         from shipkit.hf_import import import_hf
+        from shipkit.tokenize import copy_tokenizer
 
         report = import_hf(self.spec.hf_dir, self.checkpoint, base_model=self.spec.base_model,
-                           license=self.spec.license)
-        shutil.copyfile(report.tokenizer_path, self.run_dir / "tokenizer.json")
+                           license=self.spec.license, pre=self.spec.pre)
+        copy_tokenizer(report.tokenizer_path, self.run_dir)
         return f"{report.architecture}, {report.tensor_count} tensors, {report.parameters:,} parameters"
 
     def _corpus(self) -> str:

@@ -3,7 +3,9 @@
 
 Shard layout (`docs/tokens-format.md`): a 32-byte little-endian header — magic, version, bytes
 per token, token count, document count — then the tokens. Every document is preceded by the
-end-of-text token, so a shard reads `EOT doc EOT doc ...` and holds as many EOTs as documents.
+tokenizer's document separator (its end-of-text token), so a shard reads `EOT doc EOT doc ...` and
+holds as many EOTs as documents. shipkit's own tokenizers use `<|endoftext|>` with id 0; an
+imported model's tokenizer brings its own (e.g. Qwen2's `<|endoftext|>` after its BPE vocabulary).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from shipkit.corpus import iter_texts, read_corpus_manifest
 from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import atomic_write, read_format_json, sha256_file, write_json
+from shipkit.tokenizer_contract import CARRIED_FILES, read_contract
 
 TOKEN_MAGIC = b"SHIPTOK\x00"
 TOKEN_FORMAT_VERSION = 1
@@ -33,7 +36,7 @@ DTYPE_BY_WIDTH = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 UINT16_VOCAB_LIMIT = 1 << 16
 
 EOT_TOKEN = "<|endoftext|>"
-EOT_ID = 0
+EOT_ID = 0  # in the tokenizers shipkit trains (the only special token, added first)
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -230,13 +233,31 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if not path.is_file():
         raise InputError(f"{path}: no tokenizer; run `shipkit tokenize train` first")
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises plain Exception for a malformed file
         raise IntegrityError(f"{path}: not a tokenizers tokenizer.json: {error}") from error
-    if tokenizer.token_to_id(EOT_TOKEN) != EOT_ID:
-        raise InputError(f"{path}: {EOT_TOKEN} must have id {EOT_ID}, "
-                         f"has {tokenizer.token_to_id(EOT_TOKEN)}")
-    return tokenizer
+
+
+def id_space(tokenizer: Tokenizer) -> int:
+    """One past the largest token id, added tokens included: ids need not be contiguous (an
+    imported tokenizer can place its special tokens anywhere below the model's embedding)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def copy_tokenizer(source: Path, target_dir: Path) -> None:
+    """Copy `source` (a tokenizer.json) and the companion files beside it (tokenizer_config.json,
+    chat template, ...) into `target_dir`; companions the source lacks are removed there, so
+    the folder describes one tokenizer."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for name in CARRIED_FILES:
+        origin = source if name == TOKENIZER_NAME else source.parent / name
+        target = target_dir / name
+        if origin.is_file():
+            if origin.resolve() != target.resolve():
+                with open(origin, "rb") as handle, atomic_write(target, "wb") as out:
+                    shutil.copyfileobj(handle, out)
+        elif name != TOKENIZER_NAME:
+            target.unlink(missing_ok=True)
 
 
 # --- encoding -------------------------------------------------------------------------------
@@ -263,7 +284,7 @@ def _batches(texts: Iterable[str], batch_bytes: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _eot_separated(encodings: list, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _eot_separated(encodings: list, dtype: np.dtype, separator_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens `EOT doc EOT doc ...`, end offset of each document in them)."""
     lengths = np.fromiter((len(encoding.ids) + 1 for encoding in encodings), dtype=np.int64,
                           count=len(encodings))
@@ -271,7 +292,7 @@ def _eot_separated(encodings: list, dtype: np.dtype) -> tuple[np.ndarray, np.nda
     tokens = np.empty(int(ends[-1]), dtype=dtype)
     for encoding, end, length in zip(encodings, ends, lengths, strict=True):
         start = end - length
-        tokens[start] = EOT_ID
+        tokens[start] = separator_id
         tokens[start + 1 : end] = encoding.ids
     return tokens, ends
 
@@ -338,8 +359,10 @@ def encode_corpus(
 ) -> dict:
     """Encode both splits of `corpus_dir` into `tokens_dir`; return the manifest written.
 
-    The tokenizer defaults to `tokens_dir/tokenizer.json`; another one is copied there first.
-    Memory stays bounded by `config.batch_bytes` of text and its tokens; encode_batch runs on
+    The tokenizer defaults to `tokens_dir/tokenizer.json`; another one is copied there first,
+    with its companion files (tokenizer_config.json, ...). Documents are separated by the
+    tokenizer's own end-of-text token (`TokenizerContract.separator_id`). Memory stays bounded by
+    `config.batch_bytes` of text and its tokens; encode_batch runs on
     every core (set TOKENIZERS_PARALLELISM=false or RAYON_NUM_THREADS to limit it).
     """
     config = config or EncodeConfig()
@@ -352,12 +375,12 @@ def encode_corpus(
     target = tokens_dir / TOKENIZER_NAME
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != target.resolve():
         load_tokenizer(tokenizer_path)
-        with open(tokenizer_path, "rb") as source, atomic_write(target, "wb") as handle:
-            shutil.copyfileobj(source, handle)
+        copy_tokenizer(Path(tokenizer_path), tokens_dir)
     tokenizer = load_tokenizer(target)
+    separator_id = read_contract(target).separator_id
     # A document that spells out "<|endoftext|>" must not produce a document boundary.
     tokenizer.encode_special_tokens = True
-    vocab_size = tokenizer.get_vocab_size()
+    vocab_size = id_space(tokenizer)
     dtype = token_dtype(vocab_size)
     splits = {}
     for split in SPLITS:
@@ -365,7 +388,7 @@ def encode_corpus(
         progress = tqdm(total=corpus["splits"][split]["docs"], desc=f"encode {split}", unit="doc", disable=None)
         try:
             for encodings in _encode_ahead(tokenizer, _batches(iter_texts(corpus_dir, split), config.batch_bytes)):
-                encoder.add(*_eot_separated(encodings, dtype))
+                encoder.add(*_eot_separated(encodings, dtype, separator_id))
                 progress.update(len(encodings))
         except BaseException as error:
             encoder.abort(error)
@@ -382,8 +405,8 @@ def encode_corpus(
         "format": MANIFEST_FORMAT,
         "tokenizer": {"file": TOKENIZER_NAME, "sha256": sha256_file(target)},
         "vocab_size": vocab_size,
-        "eot_id": EOT_ID,
-        "eot_token": EOT_TOKEN,
+        "eot_id": separator_id,
+        "eot_token": tokenizer.id_to_token(separator_id),
         "dtype": dtype.name,
         "corpus": {"sha256": sha256_file(corpus_dir / "corpus.json"), "split": corpus["split"]},
         "splits": splits,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shipkit.fused_loss import linear_cross_entropy
-from shipkit.model import CausalLM, rope_cos_sin
+from shipkit.model import CausalLM, rope_tables
 
 ADAM_EPS = 1e-8
 
@@ -46,7 +46,7 @@ class LanguageModelLoss(nn.Module):
         self.model = model
         config = model.config
         device = next(model.parameters()).device
-        self.rope = rope_cos_sin(config.max_position_embeddings, config.head_dim, config.rope_theta, device)
+        self.rope = rope_tables(config, config.max_position_embeddings, device)
         self.gpu_layout = gpu_layout
         self.residual_dtype = torch.bfloat16 if gpu_layout else None
         self.fused_loss = gpu_layout and device.type == "cuda"

@@ -59,9 +59,28 @@ def _check(value: float, limit: float, direction: str, reason: str) -> dict:
             "verdict": "PASS" if passes else "FAIL"}
 
 
-def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int], *, kl_mean: float = 0.012) -> dict:
+def tokenizer_section(*, differing: int = 0) -> dict:
+    """parity.json's `tokenizer` section for 40 compared val documents, `differing` of them
+    tokenized differently by llama.cpp (the shape `shipkit parity` writes)."""
+    first = None if not differing else {
+        "document": 3, "position": 17, "text": "    return f(b)\n", "hf_ids": [40, 41], "llama_cpp_ids": [40, 7],
+        "hf_tokens": 120, "llama_cpp_tokens": 131}
+    return {
+        "verdict": "FAIL" if differing else "PASS", "failed": ["documents"] if differing else [],
+        "gguf": "release/gguf/tiny-code-Q4_K_M.gguf", "pre": "gpt-2", "text_source": "tokens val split",
+        "documents": {"verdict": "FAIL" if differing else "PASS", "documents_compared": 40,
+                      "tokens_compared": 9000, "documents_differing": differing, "first_difference": first},
+        "special_tokens": {"verdict": "PASS", "add_bos": False, "add_eos": False, "hf_ids": [5, 6],
+                           "llama_cpp_ids": [5, 6]},
+        "chat_template": {"verdict": "SKIPPED", "note": "the tokenizer has no chat template: nothing to render"},
+    }
+
+
+def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int], *, kl_mean: float = 0.012,
+                    tokenizer: dict | None = None) -> dict:
     """A schema-valid evidence/parity.json for `quant_path`, its verdict following `kl_mean`
-    against a 0.05 limit (the shape `shipkit parity` writes; numbers chosen by the test)."""
+    against a 0.05 limit and the `tokenizer` section (default: a passing one) (the shape
+    `shipkit parity` writes; numbers chosen by the test)."""
     from shipkit.apr import read_apr
     from shipkit.contract import load_contract
     from shipkit.model import parameter_count
@@ -75,13 +94,17 @@ def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int
     metrics = {"kl_mean": kl_mean, "kl_p99": 0.08, "kl_max": 0.3, "same_top_pct": 93.5, "ppl_base": 42.0,
                "ppl_quant": 42.7, "ppl_ratio": 1.0167, "rms_dp_pct": 0.9, "max_abs_dp_pct": 7.5,
                "hidden_cosine_min": 0.998}
-    verdict = "PASS" if all(c["verdict"] == "PASS" for c in checks.values()) else "FAIL"
+    tokenizer = tokenizer or tokenizer_section()
+    failed = [f"torch.{m}" for m, c in checks.items() if c["verdict"] == "FAIL"]
+    engine_verdict = "FAIL" if failed else "PASS"
+    failed += [f"tokenizer.{part}" for part in tokenizer["failed"]]
+    verdict = "FAIL" if failed else "PASS"
     engine = {"device": "cpu", "seconds": 1.5, "tokens_per_second": 2730.0, "metrics": metrics,
               "hidden_cosine": [1.0, 0.999, 0.998], "hidden_cosine_note": None, "checks": checks,
-              "verdict": verdict}
+              "verdict": engine_verdict}
     return {
         "schema_version": 1, "verdict": verdict,
-        "failed": [f"torch.{m}" for m, c in checks.items() if c["verdict"] == "FAIL"], "causes": [],
+        "failed": failed, "causes": [],
         "date": "2026-11-25T10:00:00+00:00", "shipkit_version": "0.1.0", "host": "test",
         "base": {"path": str(run_dir / "ckpt" / "best.apr"), "format": "apr",
                  "sha256": sha256_file(run_dir / "ckpt" / "best.apr")},
@@ -97,6 +120,7 @@ def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int
                       "note": "engine agreement needs both engines (--engine both)"},
         "tensors": {"verdict": "PASS", "checks": {}, "worst": [{"name": "lm_head.weight", "rel_rmse": 0.01}],
                     "flagged": []},
+        "tokenizer": tokenizer,
     }
 
 
@@ -110,7 +134,7 @@ def write_gates(run_dir: Path) -> dict:
     return scoreboard
 
 
-def build_release_run(trained_run: Path, dest: Path, *, kl_mean: float = 0.012) -> Path:
+def build_release_run(trained_run: Path, dest: Path, *, kl_mean: float = 0.012, tokenizer: dict | None = None) -> Path:
     """A RUN_DIR ready for `shipkit card`: the trained run's tokenizer, best.apr and training
     evidence, `release/hf` from `shipkit.export`, a Q4_K_M GGUF from `shipkit.quantize` in
     `release/gguf`, and parity evidence for that GGUF."""
@@ -127,5 +151,6 @@ def build_release_run(trained_run: Path, dest: Path, *, kl_mean: float = 0.012) 
     export_hf(dest / "ckpt" / "best.apr", dest / "release" / "hf")
     (dest / "release" / "gguf").mkdir()
     quant = write_gguf(dest / "ckpt" / "best.apr", dest / "release" / "gguf", "Q4_K_M", base_name="tiny-code")
-    write_evidence(dest, "parity", parity_evidence(dest, quant.path, quant.tensor_types, kl_mean=kl_mean))
+    write_evidence(dest, "parity", parity_evidence(dest, quant.path, quant.tensor_types, kl_mean=kl_mean,
+                                                   tokenizer=tokenizer))
     return dest

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
+from release_helpers import tokenizer_section
 from shipkit.apr import inspect_apr
 from shipkit.card import render_card
 from shipkit.cli import main
@@ -242,6 +243,25 @@ def test_a_failed_parity_check_fails_its_gate(run_dir):
     result = evaluate_gates(run_dir)
     assert _status(result, "parity.torch.kl_mean") == "FAILED"
     assert _status(result, "parity.llama.cpp.kl_mean") == "DISCHARGED"
+
+
+def test_shipkits_own_tokenizer_passes_the_tokenizer_gate(run_dir, tiny_tokens_dir):
+    tokenizer = read_evidence(run_dir, "parity")["tokenizer"]
+    val_docs = json.loads((tiny_tokens_dir / "manifest.json").read_text())["splits"]["val"]["docs"]
+    assert tokenizer["documents"]["documents_compared"] == val_docs
+    assert tokenizer["pre"] == "gpt-2" and tokenizer["chat_template"]["verdict"] == "SKIPPED"
+    assert _status(evaluate_gates(run_dir), "parity.tokenizer") == "DISCHARGED"
+
+
+def test_a_gguf_that_tokenizes_differently_fails_the_tokenizer_gate_naming_where(run_dir):
+    parity = read_evidence(run_dir, "parity")
+    parity["tokenizer"] = tokenizer_section(differing=2)
+    parity["verdict"], parity["failed"] = "FAIL", ["tokenizer.documents"]
+    write_evidence(run_dir, "parity", parity)
+    gate = _gates(evaluate_gates(run_dir))["parity.tokenizer"]
+    assert gate["status"] == "FAILED"
+    assert "38/40 val documents tokenized alike" in gate["detail"]
+    assert "first difference in document 3 at token 17" in gate["detail"]
 
 
 def test_a_gguf_other_than_the_measured_one_fails(run_dir):

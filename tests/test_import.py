@@ -60,9 +60,9 @@ def test_import_rejects_unsupported_family_naming_the_field(tmp_path):
     save_tiny_hf_model(tmp_path / "hf", "llama")
     config_path = tmp_path / "hf" / "config.json"
     config = json.loads(config_path.read_text())
-    config["model_type"] = "mistral"
+    config["model_type"] = "gemma"
     config_path.write_text(json.dumps(config))
-    with pytest.raises(InputError, match="model_type: 'mistral' is not supported"):
+    with pytest.raises(InputError, match="model_type: 'gemma' is not supported"):
         import_hf(tmp_path / "hf", tmp_path / "model.apr")
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants as hf_constants
 
 from hubserver import HubServer
-from release_helpers import build_release_run, write_gates
+from release_helpers import build_release_run, tokenizer_section, write_gates
 from shipkit.card import render_card
 from shipkit.cli import main
 from shipkit.errors import GateFailed, HubError, IntegrityError
@@ -124,6 +124,15 @@ def test_push_refuses_a_failed_parity_gate_before_contacting_the_hub(tiny_run_di
     assert hub.requests == []
     report = push_release(run_dir, REPO, allow_failed_gates=True)
     assert report.waived == ["parity", "scoreboard"] and report.verified_files == report.total_files
+
+
+def test_push_refuses_a_gguf_that_tokenizes_unlike_the_hf_tokenizer(tiny_run_dir, tmp_path, hub):
+    run_dir = build_release_run(tiny_run_dir, tmp_path / "tokenizer", tokenizer=tokenizer_section(differing=2))
+    render_card(run_dir, repo_id=REPO)
+    write_gates(run_dir)
+    with pytest.raises(GateFailed, match="parity gate: FAIL"):
+        push_release(run_dir, REPO)
+    assert hub.requests == []
 
 
 def test_push_refuses_when_parity_evidence_is_missing(run_dir, hub):

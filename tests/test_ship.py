@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hf_helpers import save_tiny_hf_model
+from tokenizer_helpers import special_ids
 
 from shipkit.errors import InputError, IntegrityError
 from shipkit.ship import default_config, load_ship_config, ship
@@ -65,7 +66,13 @@ contract = "toy.toml"
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     root = tmp_path_factory.mktemp("ship")
-    save_tiny_hf_model(root / "hf", "qwen2", hidden=256)
+    # Qwen2-style, as the real checkpoints: its own pre-tokenizer and chat template, and
+    # <|endoftext|> (the document separator) after the BPE vocabulary.
+    save_tiny_hf_model(root / "hf", "qwen2", hidden=256, tokenizer_family="qwen2")
+    separator = special_ids(root / "hf")["<|endoftext|>"]
+    config = json.loads((root / "hf" / "config.json").read_text())
+    config["bos_token_id"] = config["eos_token_id"] = separator
+    (root / "hf" / "config.json").write_text(json.dumps(config))
     (root / "toy.toml").write_text(TOY_CONTRACT)
     config_path = root / "ship.toml"
     config_path.write_text(SHIP_TOML.format(corpus=STDLIB / "json"))
@@ -84,6 +91,22 @@ def test_ship_releases_an_imported_and_a_trained_model(shipped):
     summary = json.loads((root / "out" / "ship-summary.json").read_text())
     assert summary["tiny-train"]["best_val_loss"] == report.models[1].summary["best_val_loss"]
     assert summary["tiny-import"]["best_val_loss"] is None
+
+
+def test_imported_qwen2_style_model_passes_every_gate_with_its_own_tokenizer(shipped):
+    root, _, report = shipped
+    run = root / "out" / "tiny-import" / "run"
+    separator = special_ids(root / "hf")["<|endoftext|>"]
+    manifest = json.loads((root / "out" / "tiny-import" / "tokens" / "manifest.json").read_text())
+    assert (manifest["eot_id"], manifest["eot_token"]) == (separator, "<|endoftext|>") and separator > 256
+    gates = json.loads((run / "evidence" / "gates.json").read_text())["gates"]
+    assert [gate["id"] for gate in gates if gate["status"] == "FAILED"] == []
+    assert {gate["id"]: gate["status"] for gate in gates}["parity.tokenizer"] == "DISCHARGED"
+    tokenizer = json.loads((run / "evidence" / "parity.json").read_text())["tokenizer"]
+    assert tokenizer["pre"] == "qwen2" and tokenizer["documents"]["documents_differing"] == 0
+    assert tokenizer["special_tokens"]["verdict"] == tokenizer["chat_template"]["verdict"] == "PASS"
+    exported = json.loads((run / "release" / "hf" / "tokenizer_config.json").read_text())
+    assert exported == json.loads((root / "hf" / "tokenizer_config.json").read_text())
 
 
 def test_imported_model_card_names_its_upstream_model_and_license(shipped):

@@ -12,17 +12,20 @@ from shipkit.commands.common import emit, json_option
 @click.command("import")
 @click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The .apr file to write; tokenizer.json is copied beside it.")
+              help="The .apr file to write; the tokenizer files are copied beside it.")
 @click.option("--base-model", help="Upstream repo id for the card (default: the folder name).")
 @click.option("--license", "license_", help="Upstream license (default: from the folder's README).")
+@click.option("--pre", help="llama.cpp pre-tokenizer name, for a tokenizer shipkit does not recognise "
+                            "(docs/import.md) [default: detected from tokenizer.json].")
 @json_option
 def import_command(
-    hf_dir: Path, out_path: Path, base_model: str | None, license_: str | None, as_json: bool
+    hf_dir: Path, out_path: Path, base_model: str | None, license_: str | None, pre: str | None,
+    as_json: bool,
 ) -> None:
-    """Import a Llama or Qwen2 safetensors checkpoint folder as an APR file."""
+    """Import a safetensors checkpoint folder (Llama, Mistral, Qwen2, Qwen3) as an APR file."""
     from shipkit.hf_import import import_hf
 
-    report = import_hf(hf_dir, out_path, base_model=base_model, license=license_)
+    report = import_hf(hf_dir, out_path, base_model=base_model, license=license_, pre=pre)
     result = {
         "apr": str(report.apr_path),
         "tokenizer": str(report.tokenizer_path),
@@ -30,10 +33,11 @@ def import_command(
         "tensors": report.tensor_count,
         "parameters": report.parameters,
         "source": report.source,
+        "pre": report.pre,
     }
     emit(result, as_json, lambda r: (
         f"{r['apr']}: {r['architecture']} / {r['tensors']} tensors / {r['parameters']:,} parameters "
-        f"(from {r['source']['base_model']}, license {r['source']['license']})"
+        f"(from {r['source']['base_model']}, license {r['source']['license']}; pre-tokenizer {r['pre']})"
     ))
 
 

@@ -10,6 +10,7 @@ import click
 from shipkit.commands.common import emit, json_option
 from shipkit.errors import GateFailed
 from shipkit.parity import LLAMA_CPP, TORCH, ParityOptions, run_parity
+from shipkit.tokenizer_fidelity import DEFAULT_TOKEN_BUDGET
 
 ENGINE_CHOICES = {"torch": (TORCH,), "llama.cpp": (LLAMA_CPP,), "both": (TORCH, LLAMA_CPP)}
 METRIC_COLUMNS = ("kl_mean", "kl_p99", "kl_max", "same_top_pct", "ppl_ratio", "rms_dp_pct", "max_abs_dp_pct",
@@ -33,15 +34,18 @@ METRIC_COLUMNS = ("kl_mean", "kl_p99", "kl_max", "same_top_pct", "ppl_ratio", "r
               help="Device of the torch engine.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU threads for llama.cpp (its threads spin-wait: raise only on idle cores).")
+@click.option("--tokenizer-tokens", type=click.IntRange(min=1), default=DEFAULT_TOKEN_BUDGET,
+              show_default=True, help="Val text tokens the tokenizer check compares (whole documents).")
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
               help="Write RUN_DIR/evidence/parity.json.")
 @json_option
 def parity(base: Path, quant: Path, tokens_dir: Path, n_tokens: int, ctx: int, contract: Path | None,
-           engine: str, device: str, threads: int, run_dir: Path | None, as_json: bool) -> None:
-    """Gate QUANT.gguf against BASE (.apr or F32/F16 .gguf) on held-out tokens; exit 1 on FAIL."""
+           engine: str, device: str, threads: int, tokenizer_tokens: int, run_dir: Path | None,
+           as_json: bool) -> None:
+    """Gate QUANT.gguf against BASE (.apr or F32/F16 .gguf) on held-out tokens and text; exit 1 on FAIL."""
     options = ParityOptions(base=base, quant=quant, tokens_dir=tokens_dir, n_tokens=n_tokens, ctx=ctx,
                             engines=ENGINE_CHOICES[engine], device=device, threads=threads,
-                            contract=contract, run_dir=run_dir)
+                            contract=contract, run_dir=run_dir, tokenizer_tokens=tokenizer_tokens)
     evidence = run_parity(options)
     emit(evidence, as_json, render_parity)
     if evidence["verdict"] != "PASS":
@@ -74,6 +78,15 @@ def render_parity(evidence: dict[str, Any]) -> str:
     worst = evidence["tensors"]["worst"][0]
     error = "n/a" if worst["rel_rmse"] is None else f"{worst['rel_rmse']:.4f}"
     lines.append(f"tensors: worst {worst['name']} rel RMSE {error}, {evidence['tensors']['verdict']}")
+    tokenizer = evidence["tokenizer"]
+    if tokenizer["verdict"] == "SKIPPED":
+        lines.append(f"tokenizer: SKIPPED ({tokenizer['note']})")
+    else:
+        documents = tokenizer["documents"]
+        lines.append(f"tokenizer ({tokenizer['pre']}): {documents['documents_differing']} of "
+                     f"{documents['documents_compared']} val documents differ, BOS/EOS "
+                     f"{tokenizer['special_tokens']['verdict']}, chat template "
+                     f"{tokenizer['chat_template']['verdict']}, {tokenizer['verdict']}")
     lines += [f"cause: {cause}" for cause in evidence["causes"]]
     lines.append(f"verdict: {evidence['verdict']}")
     return "\n".join(lines)

@@ -25,9 +25,11 @@ from shipkit.quantize.mix import FILE_TYPES
               help="general.name and file-name base [default: the run folder's name].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to quantize; both give the same bytes.")
+@click.option("--pre", help="llama.cpp pre-tokenizer name (docs/import.md) [default: the one import "
+                            "recorded, else detected from tokenizer.json].")
 @json_option
 def quantize(checkpoint: Path, q4k: bool, file_type: str | None, out_path: Path,
-             tokenizer_path: Path | None, base_name: str | None, device: str,
+             tokenizer_path: Path | None, base_name: str | None, device: str, pre: str | None,
              as_json: bool) -> None:
     """Write CHECKPOINT (a weights .apr) as a GGUF, quantized bit-identically to llama.cpp."""
     if q4k and file_type and file_type.upper() != "Q4_K_M":
@@ -35,7 +37,7 @@ def quantize(checkpoint: Path, q4k: bool, file_type: str | None, out_path: Path,
     if not q4k and not file_type:
         raise InputError("give --q4k or --type {" + ",".join(FILE_TYPES) + "}")
     result = write_gguf(checkpoint, out_path, "Q4_K_M" if q4k else file_type,
-                        tokenizer_path=tokenizer_path, device=device, base_name=base_name)
+                        tokenizer_path=tokenizer_path, device=device, base_name=base_name, pre=pre)
     emit(result.to_dict(), as_json, lambda _: _render(result))
 
 

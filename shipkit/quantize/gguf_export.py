@@ -1,8 +1,7 @@
-"""Write a GGUF v3 file from an APR weights checkpoint and its tokenizer.json."""
+"""Write a GGUF v3 file from an APR weights checkpoint and its tokenizer.json (and companions)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -16,15 +15,26 @@ import torch
 
 from shipkit.apr import read_apr
 from shipkit.errors import InputError, IntegrityError
+from shipkit.fsutil import sha256_file
 from shipkit.model import ModelConfig, parameter_count
 from shipkit.quantize import kquants, mix
 from shipkit.quantize.formats import QType
-from shipkit.quantize.tensor_names import gguf_name, rope_heads, to_interleaved
+from shipkit.quantize.gguf_source import add_source_metadata
+from shipkit.quantize.gguf_tokenizer import add_tokenizer, read_tokenizer
+from shipkit.quantize.tensor_names import (
+    MODEL_TYPE_KEY,
+    ROPE_FREQS,
+    ROPE_SCALING_KEY_PREFIX,
+    gguf_architecture,
+    gguf_name,
+    rope_freq_factors,
+    rope_heads,
+    to_interleaved,
+)
+from shipkit.tokenizer_contract import read_contract
 
 TOKENIZER_FILE = "tokenizer.json"
 GGUF_SUFFIX = ".gguf"
-# llama.cpp's pre-tokenizer "gpt-2" is the GPT-2 regex that HF's ByteLevel(use_regex=True) uses.
-TOKENIZER_PRE = "gpt-2"
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -50,15 +60,6 @@ class GgufExport:
         }
 
 
-@dataclass(frozen=True)
-class GgufTokenizer:
-    """tokenizer.json in GGUF's terms: tokens by id, their types, merges, the pre-tokenizer."""
-
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
-
-
 def find_tokenizer(ckpt_path: Path, tokenizer_path: str | os.PathLike[str] | None) -> Path:
     """The tokenizer given, else `<ckpt dir>/../tokenizer.json`, else `<ckpt dir>/tokenizer.json`."""
     if tokenizer_path is not None:
@@ -70,36 +71,6 @@ def find_tokenizer(ckpt_path: Path, tokenizer_path: str | os.PathLike[str] | Non
             return candidate
     raise InputError(f"no tokenizer found at {' or '.join(map(str, candidates))} "
                      "(pass --tokenizer PATH)")
-
-
-def read_tokenizer(path: Path, vocab_size: int) -> GgufTokenizer:
-    """Tokens, types and merges of a byte-level BPE tokenizer.json, padded to `vocab_size`."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable tokenizer.json ({error})") from error
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
-        raise InputError(f"{path}: only byte-level BPE tokenizers can be exported to GGUF")
-    tokens: list[str | None] = [None] * vocab_size
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for token, token_id in model["vocab"].items():
-        _place(path, tokens, types, token, token_id, gguf.TokenType.NORMAL)
-    for added in data.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        _place(path, tokens, types, added["content"], added["id"], kind)
-    filled = [token if token is not None else f"[PAD{index}]" for index, token in enumerate(tokens)]
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
-    return GgufTokenizer(filled, [int(kind) for kind in types], merges)
-
-
-def _place(path: Path, tokens: list[str | None], types: list[gguf.TokenType], token: str,
-           token_id: int, kind: gguf.TokenType) -> None:
-    if not 0 <= token_id < len(tokens):
-        raise InputError(f"{path}: token id {token_id} ({token!r}) is outside the model's "
-                         f"vocabulary of {len(tokens)}")
-    tokens[token_id] = token
-    types[token_id] = kind
 
 
 def _float32(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -127,11 +98,13 @@ def default_file_name(base_name: str, config: ModelConfig, file_type: str) -> st
 
 def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[str], qtype: str,
                *, tokenizer_path: str | os.PathLike[str] | None = None, device: str = "cpu",
-               base_name: str | None = None) -> GgufExport:
+               base_name: str | None = None, pre: str | None = None) -> GgufExport:
     """Export a weights APR to GGUF with file type `qtype` (Q4_K_M, Q4_K_S, Q6_K, Q8_0, F16, F32).
 
     `out_path` is the .gguf file, or a folder (any path not ending in .gguf, created if need
-    be) to hold `<BaseName>-<SizeLabel>-<Type>.gguf`.
+    be) to hold `<BaseName>-<SizeLabel>-<Type>.gguf`. The tokenizer keys come from the
+    tokenizer's contract (shipkit.tokenizer_contract); `pre` names llama.cpp's pre-tokenizer
+    instead of the detected one (an expert's override).
     Raises InputError for a missing/unsupported input, IntegrityError for NaN/Inf weights.
     """
     started = time.perf_counter()
@@ -143,16 +116,21 @@ def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[st
     if "config" not in checkpoint.metadata:
         raise InputError(f"{ckpt_path}: no model config in its metadata (not a weights checkpoint)")
     config = ModelConfig.from_dict(checkpoint.metadata["config"])
-    tokenizer = read_tokenizer(find_tokenizer(ckpt_path, tokenizer_path), config.vocab_size)
+    tokenizer_file = find_tokenizer(ckpt_path, tokenizer_path)
+    contract = read_contract(tokenizer_file, pre=pre or _recorded_pre(checkpoint.metadata, tokenizer_file),
+                             model_config=config.to_dict())
+    tokenizer = read_tokenizer(tokenizer_file, config.vocab_size)
     base_name = base_name or _default_base_name(ckpt_path)
     out_path = Path(out_path)
     if out_path.is_dir() or out_path.suffix.lower() != GGUF_SUFFIX:
         out_path = out_path / default_file_name(base_name, config, spec.name)
 
-    writer = gguf.GGUFWriter(None, config.architecture)
+    writer = gguf.GGUFWriter(None, gguf_architecture(config))
     _add_metadata(writer, config, spec, base_name)
-    _add_tokenizer(writer, tokenizer, config)
-    plan = [plan_tensor(name, tensor, config, spec) for name, tensor in checkpoint.tensors.items()]
+    add_tokenizer(writer, tokenizer, contract, architecture=config.architecture)
+    add_source_metadata(writer, checkpoint.metadata.get("producer", {}).get("source") or {})
+    plan = [*derived_tensors(config),
+            *(plan_tensor(name, tensor, config, spec) for name, tensor in checkpoint.tensors.items())]
     payloads = encode_tensors(plan, device)
     for (target, values, ggml_type), payload in zip(plan, payloads):
         raw_dtype = ggml_type if ggml_type not in (QType.F32, QType.F16) else None
@@ -181,6 +159,15 @@ def plan_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, spec: mix.
     return target, values, ggml_type
 
 
+def derived_tensors(config: ModelConfig) -> list[tuple[str, torch.Tensor, QType]]:
+    """Tensors llama.cpp needs that the checkpoint does not hold, first in the file as llama.cpp's
+    converter writes them: rope_freqs.weight (F32) for llama3 RoPE."""
+    if config.rope_scaling is None:
+        return []
+    factors = rope_freq_factors(config.head_dim, config.rope_theta, config.rope_scaling)
+    return [(ROPE_FREQS, factors, QType.F32)]
+
+
 def encode_tensors(plan: list[tuple[str, torch.Tensor, QType]], device: str) -> list[np.ndarray]:
     """Payloads in plan order; the quantized tensors of each type in one `quantize_many`."""
     payloads: list[np.ndarray | None] = [None] * len(plan)
@@ -195,6 +182,14 @@ def encode_tensors(plan: list[tuple[str, torch.Tensor, QType]], device: str) -> 
         for index, blocks in zip(indices, encoded):
             payloads[index] = blocks.reshape(plan[index][1].shape[0], -1)
     return payloads
+
+
+def _recorded_pre(metadata: dict[str, Any], tokenizer_file: Path) -> str | None:
+    """The pre-tokenizer name import recorded (`--pre` there), if this is the tokenizer it was for."""
+    recorded = metadata.get("tokenizer") or {}
+    if recorded.get("pre") and recorded.get("sha256") == sha256_file(tokenizer_file):
+        return recorded["pre"]
+    return None
 
 
 def _default_base_name(ckpt_path: Path) -> str:
@@ -217,20 +212,27 @@ def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, spec: mix.FileTy
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_rope_dimension_count(config.head_dim)
+    if config.head_dim != config.hidden_size // config.num_attention_heads:
+        # llama.cpp otherwise takes head size = embedding_length / head_count.
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    if gguf_architecture(config) != config.architecture:
+        writer.add_string(MODEL_TYPE_KEY, config.architecture)
+    for name, value in (config.rope_scaling or {}).items():
+        _add_typed(writer, ROPE_SCALING_KEY_PREFIX + name, value)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(spec.ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: GgufTokenizer, config: ModelConfig) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(TOKENIZER_PRE)
-    writer.add_token_list(tokenizer.tokens)
-    writer.add_token_types(tokenizer.token_types)
-    writer.add_token_merges(tokenizer.merges)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    writer.add_add_bos_token(False)  # training never prepends one: documents are EOT-separated
+def _add_typed(writer: gguf.GGUFWriter, key: str, value: str | int | float) -> None:
+    """A string, uint32 or float64 key; float64 so the value reads back exactly."""
+    if isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    else:
+        writer.add_float64(key, value)
 
 
 def _write_atomically(writer: gguf.GGUFWriter, path: Path) -> None:

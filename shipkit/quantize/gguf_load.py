@@ -14,15 +14,28 @@ from shipkit.errors import InputError, IntegrityError
 from shipkit.model import ModelConfig
 from shipkit.quantize.dequant import dequantize
 from shipkit.quantize.formats import QType
-from shipkit.quantize.tensor_names import from_interleaved, hf_name, rope_heads
+from shipkit.quantize.tensor_names import (
+    GGUF_ARCHITECTURES,
+    MODEL_TYPE_KEY,
+    ROPE_FREQS,
+    ROPE_SCALING_KEY_PREFIX,
+    from_interleaved,
+    hf_name,
+    rope_freq_factors,
+    rope_heads,
+)
+
+# rope_freqs.weight against the factors of its shipkit.rope_scaling.* keys: float32 rounding apart.
+ROPE_FREQS_REL_TOLERANCE = 1e-6
 
 
 def load_gguf_model(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config and every tensor dequantized to float32, with HF names and layout.
 
     Q/K rows are put back from llama.cpp's interleaved RoPE order (arch llama). A tied
-    model has no `lm_head.weight`. Raises InputError if the file is missing, IntegrityError if
-    it is not a GGUF or holds tensors or keys this model cannot have.
+    model has no `lm_head.weight`; rope_freqs.weight (llama3 RoPE) is checked against the
+    config and left out. Raises InputError if the file is missing, IntegrityError if it is not a
+    GGUF or holds tensors or keys this model cannot have.
     """
     path = Path(path)
     if not path.is_file():
@@ -34,6 +47,9 @@ def load_gguf_model(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str
     config = _config(reader, path)
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            _check_rope_freqs(np.asarray(tensor.data), config, path)
+            continue
         name = hf_name(tensor.name)
         if name is None:
             raise IntegrityError(f"{path.name}: unexpected tensor {tensor.name}")
@@ -58,13 +74,18 @@ def _decimal(value: float) -> float:
 
 def _config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     arch = _field(reader, "general.architecture", path)
+    family = _model_type(reader, arch, path)
     names = {tensor.name for tensor in reader.tensors}
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise IntegrityError(f"{path.name}: no token_embd.weight tensor")
+    rope_scaling = _rope_scaling(reader)
+    if rope_scaling is not None and ROPE_FREQS not in names:
+        raise IntegrityError(f"{path.name}: {ROPE_SCALING_KEY_PREFIX}* keys without {ROPE_FREQS}: "
+                             "llama.cpp would run it without its llama3 RoPE")
     try:
         return ModelConfig(
-            architecture=arch,
+            architecture=family,
             vocab_size=int(embedding.shape[1]),
             hidden_size=int(_field(reader, f"{arch}.embedding_length", path)),
             intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", path)),
@@ -77,6 +98,51 @@ def _config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
             tie_word_embeddings="output.weight" not in names,
             bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", path)),
             eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", path)),
+            head_dim=_head_dim(reader, arch, path),
+            rope_scaling=rope_scaling,
         )
     except InputError as error:
         raise IntegrityError(f"{path.name}: {error}") from error
+
+
+def _model_type(reader: gguf.GGUFReader, arch: str, path: Path) -> str:
+    """The HF family: shipkit.model_type where the writer recorded one (mistral), else the arch."""
+    field = reader.get_field(MODEL_TYPE_KEY)
+    family = field.contents() if field is not None else arch
+    if family not in GGUF_ARCHITECTURES:
+        raise IntegrityError(f"{path.name}: architecture {family!r} is not supported "
+                             f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    if GGUF_ARCHITECTURES[family] != arch:
+        raise IntegrityError(f"{path.name}: {MODEL_TYPE_KEY} {family!r} is not a model of "
+                             f"general.architecture {arch!r}")
+    return family
+
+
+def _head_dim(reader: gguf.GGUFReader, arch: str, path: Path) -> int | None:
+    """attention.key_length, written when the head size is not embedding_length / head_count."""
+    key_length = reader.get_field(f"{arch}.attention.key_length")
+    if key_length is None:
+        return None
+    value_length = _field(reader, f"{arch}.attention.value_length", path)
+    if value_length != key_length.contents():
+        raise IntegrityError(f"{path.name}: {arch}.attention.value_length {value_length} differs "
+                             f"from key_length {key_length.contents()}")
+    return int(value_length)
+
+
+def _rope_scaling(reader: gguf.GGUFReader) -> dict[str, Any] | None:
+    scaling = {key.removeprefix(ROPE_SCALING_KEY_PREFIX): field.contents()
+               for key, field in reader.fields.items() if key.startswith(ROPE_SCALING_KEY_PREFIX)}
+    return scaling or None
+
+
+def _check_rope_freqs(factors: np.ndarray, config: ModelConfig, path: Path) -> None:
+    """llama.cpp scales RoPE by rope_freqs.weight, the torch model by the config: they must agree."""
+    if config.rope_scaling is None:
+        raise IntegrityError(f"{path.name}: {ROPE_FREQS} without the {ROPE_SCALING_KEY_PREFIX}* keys "
+                             "of its llama3 RoPE")
+    expected = rope_freq_factors(config.head_dim, config.rope_theta, config.rope_scaling).numpy()
+    if factors.shape != expected.shape or not np.allclose(
+            factors, expected, rtol=ROPE_FREQS_REL_TOLERANCE, atol=0):
+        raise IntegrityError(f"{path.name}: {ROPE_FREQS} differs from the llama3 RoPE factors of its "
+                             f"{ROPE_SCALING_KEY_PREFIX}* keys")

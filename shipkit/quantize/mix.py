@@ -1,8 +1,9 @@
 """Which GGML type each tensor gets for a file type: llama.cpp's per-tensor mix.
 
 Mirrors llama_tensor_get_type (src/llama-quant.cpp) for the file types we write, for a dense
-llama/qwen2 model without an importance matrix:
-- only 2-D tensors whose name ends in "weight" (and is not a norm) are quantized;
+llama/qwen2/qwen3 model (mistral is a llama) without an importance matrix:
+- only 2-D tensors whose name ends in "weight" (and is not a norm) are quantized, so qwen3's
+  attn_q_norm/attn_k_norm and llama3's rope_freqs stay F32;
 - the output head, or the token embedding when it is tied to the head, gets Q6_K (Q8_0 if its
   rows are not a multiple of 256);
 - Q4_K_M: attn_v and ffn_down get Q6_K on the "more bits" layers (first and last eighth, and
