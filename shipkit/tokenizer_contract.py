@@ -211,6 +211,9 @@ def detect_pre_tokenizer(tokenizer_json: dict[str, Any], where: str | Path) -> s
     if normalizer not in ACCEPTED_NORMALIZERS:
         raise InputError(f"{where}: normalizer {normalizer} is not applied by llama.cpp "
                          "(accepted: none or NFC); pass --pre NAME to override")
+    if "ByteLevel" not in json.dumps(tokenizer_json.get("pre_tokenizer")):
+        raise InputError(f"{where}: not a byte-level BPE (a SentencePiece-style vocabulary, e.g. "
+                         "Metaspace with byte fallback): only byte-level BPE tokenizers can be exported to GGUF")
     steps = _pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer"), where)
     ignore_merges = bool(model.get("ignore_merges", False))
     for signature in PRE_TOKENIZERS:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from tokenizer_helpers import EXPECTED_PRE, FAMILIES, special_ids, write_family_tokenizer
 
@@ -206,3 +206,13 @@ def test_no_separator_is_refused(family_dirs, tmp_path):
 def test_contract_to_dict_is_json(family_dirs, family):
     contract = read_contract(family_dirs[family] / "tokenizer.json")
     assert json.loads(json.dumps(contract.to_dict())) == contract.to_dict()
+
+
+def test_a_sentencepiece_style_bpe_is_refused_naming_what_is_supported(tmp_path):
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(["def f(x):\n    return x\n"] * 20,
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(InputError, match="tokenizer.json: not a byte-level BPE .*Metaspace"):
+        read_contract(tmp_path / "tokenizer.json")

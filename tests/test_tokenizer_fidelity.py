@@ -1,6 +1,6 @@
-"""The parity gate's tokenizer check on imported Qwen2- and Llama-3-style models: it passes on
-what shipkit writes and fails, naming where, on GGUFs planted with the faults users hit
-(a wrong pre-tokenizer, a flipped add_bos_token, a missing chat template)."""
+"""The parity gate's tokenizer check on imported Qwen2-, Qwen3-, Llama-3- and Mistral-style
+models: it passes on what shipkit writes and fails, naming where, on GGUFs planted with the
+faults users hit (a wrong pre-tokenizer, a flipped add_bos_token, a missing chat template)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
-from tokenizer_helpers import special_ids, write_family_hf_model
+from tokenizer_helpers import EXPECTED_PRE, special_ids, write_family_hf_model
 
 from shipkit.corpus import CorpusConfig, build_corpus
 from shipkit.hf_import import import_hf
@@ -28,7 +28,7 @@ pytest.importorskip("llama_cpp")
 CORPUS_PACKAGES = ("email", "urllib")
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama3"])
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "llama3", "mistral"])
 def imported(request, tmp_path_factory):
     """An imported family checkpoint, its token folder built with its own tokenizer, and its
     F32 GGUF: {"apr", "tokens", "gguf", "hf", "family"}."""
@@ -54,9 +54,10 @@ def _check(imported, gguf=None):
 def test_the_tokens_stage_separates_documents_with_the_models_own_end_of_text(imported):
     manifest = json.loads((imported["tokens"] / "manifest.json").read_text())
     # The EOS its tokenizer_config.json names: Qwen2's <|endoftext|>, Llama-3.1-Instruct's <|eot_id|>.
-    expected = {"qwen2": "<|endoftext|>", "llama3": "<|eot_id|>"}[imported["family"]]
+    expected = {"qwen2": "<|endoftext|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>",
+                "mistral": "</s>"}[imported["family"]]
     assert manifest["eot_token"] == expected
-    assert manifest["eot_id"] == special_ids(imported["hf"])[expected] > 256
+    assert manifest["eot_id"] == special_ids(imported["hf"])[expected]
     val = read_tokens(imported["tokens"], "val")
     assert int(np.count_nonzero(np.asarray(val.shards[0]) == manifest["eot_id"])) == manifest["splits"]["val"]["docs"]
     assert (imported["tokens"] / TOKENIZER_CONFIG_FILE).is_file()
@@ -78,8 +79,8 @@ def test_shipkits_gguf_of_an_imported_model_passes_every_part(imported):
     assert documents["documents_compared"] == json.loads(
         (imported["tokens"] / "manifest.json").read_text())["splits"]["val"]["docs"]
     assert documents["documents_differing"] == 0 and documents["first_difference"] is None
-    assert result["pre"] == {"qwen2": "qwen2", "llama3": "llama-bpe"}[imported["family"]]
-    assert result["special_tokens"]["add_bos"] is (imported["family"] == "llama3")
+    assert result["pre"] == result["gguf_pre"] == EXPECTED_PRE[imported["family"]]
+    assert result["special_tokens"]["add_bos"] is (imported["family"] in ("llama3", "mistral"))
     assert result["chat_template"]["verdict"] == "PASS"
 
 

@@ -34,12 +34,13 @@ from tokenizers import (
     trainers,
 )
 
-FAMILIES = ("qwen2", "llama3", "deepseek-coder", "deepseek-v3", "starcoder", "mistral")
+FAMILIES = ("qwen2", "qwen3", "llama3", "deepseek-coder", "deepseek-v3", "starcoder", "mistral")
 # llama.cpp's pre-tokenizer name each family must be detected as.
-EXPECTED_PRE = {"qwen2": "qwen2", "llama3": "llama-bpe", "deepseek-coder": "deepseek-coder",
+EXPECTED_PRE = {"qwen2": "qwen2", "qwen3": "qwen2", "llama3": "llama-bpe", "deepseek-coder": "deepseek-coder",
                 "deepseek-v3": "deepseek-v3", "starcoder": "starcoder", "mistral": "tekken"}
-# transformers architecture of a tiny model per family (shipkit imports llama and qwen2).
-ARCHITECTURE = {"qwen2": "qwen2"}
+# transformers architecture of a tiny model per family (llama where the family's is not shipkit's).
+ARCHITECTURE = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 TRAIN_PACKAGES = ("json", "http", "logging")  # ~440 kB of code
 HELD_OUT_MAX_BYTES = 100_000  # top-level stdlib modules up to this size are held out
 BPE_MERGES = 1200  # on top of the 256 byte tokens
@@ -154,7 +155,7 @@ def held_out_documents() -> tuple[str, ...]:
 def write_family_tokenizer(folder: Path, family: str) -> int:
     """tokenizer.json + tokenizer_config.json (+ special_tokens_map.json, chat_template.jinja
     where the family ships them) in `folder`; returns the tokenizer's vocabulary size."""
-    builder = {"qwen2": _qwen2, "llama3": _llama3, "deepseek-coder": _deepseek_coder,
+    builder = {"qwen2": _qwen2, "qwen3": _qwen3, "llama3": _llama3, "deepseek-coder": _deepseek_coder,
                "deepseek-v3": _deepseek_v3, "starcoder": _starcoder, "mistral": _mistral}[family]
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, config, extra_files = builder()
@@ -196,17 +197,22 @@ def write_family_hf_model(folder: Path, family: str, *, license: str = "apache-2
 def write_tiny_hf_model(folder: Path, *, vocab_size: int, architecture: str,
                         special: dict[str, object], license: str = "apache-2.0",
                         base_model: str | None = None) -> None:
-    """config.json + model.safetensors of a 1-layer random Llama or Qwen2 (transformers), and a
-    README whose front matter names the license and base model."""
+    """config.json + model.safetensors of a 1-layer random Llama, Mistral, Qwen2 or Qwen3
+    (transformers), and a README whose front matter names the license and base model."""
     import torch
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **special)
-    if architecture == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(rms_norm_eps=1e-6, **common))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rms_norm_eps=1e-5, **common))
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[architecture]
+    if architecture == "mistral":
+        common["sliding_window"] = None  # Mistral-Nemo's: full attention
+    model = model_class(config_class(rms_norm_eps=1e-6 if architecture.startswith("qwen") else 1e-5, **common))
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -220,6 +226,8 @@ def _config_special_ids(family: str, ids: dict[str, int]) -> dict[str, object]:
     """bos/eos/pad ids of config.json, as each family's published config.json sets them."""
     if family == "qwen2":
         return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"]}
+    if family == "qwen3":
+        return {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]}
     if family == "llama3":
         return {"bos_token_id": ids["<|begin_of_text|>"],
                 "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}
@@ -285,6 +293,15 @@ def _qwen2():
     return tokenizer, config, {"special_tokens_map.json": json.dumps(special_map, indent=2)}
 
 
+def _qwen3():
+    """Qwen3: Qwen2's tokenizer and specials, its own ChatML template, EOS <|im_end|>."""
+    tokenizer, config, extra_files = _qwen2()
+    config |= {"chat_template": (CHAT_TEMPLATES / "qwen3-0.6b.jinja").read_text(encoding="utf-8"),
+               "eos_token": "<|im_end|>", "model_max_length": 131072}
+    special_map = json.loads(extra_files["special_tokens_map.json"]) | {"eos_token": "<|im_end|>"}
+    return tokenizer, config, {"special_tokens_map.json": json.dumps(special_map, indent=2)}
+
+
 def _llama3():
     """Llama 3.1 Instruct: \\p{N}{1,3}, ignore_merges, BOS from the post-processor, the Llama 3
     chat template in chat_template.jinja (as transformers >= 4.47 saves it)."""
@@ -340,13 +357,15 @@ def _starcoder():
 
 
 def _mistral():
-    """Mistral-Nemo's tekken: casing-aware regex, ignore_merges, control tokens at 0.., <s> added."""
+    """Mistral-Nemo's tekken: casing-aware regex, ignore_merges, control tokens at 0.., <s> added;
+    a Mistral instruct chat template (Mistral-Large-2407's, tests/data/chat_templates)."""
     tokenizer = _train(pre_tokenizers.Sequence([*_split(TEKKEN_REGEX), _byte_level(False)]),
                        before=MISTRAL_BEFORE, ignore_merges=True, post_processor=_prepend("<s>"))
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
               "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": True,
               "model_max_length": 1000000000000000019884624838656,
-              "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}
+              "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+              "chat_template": (CHAT_TEMPLATES / "mistral-large-instruct-2407.jinja").read_text(encoding="utf-8")}
     return tokenizer, config, {}
 
 
