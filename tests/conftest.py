@@ -60,3 +60,12 @@ def tiny_run_dir(tiny_tokens_dir: Path, tmp_path_factory: pytest.TempPathFactory
     config = apply_overrides(get_preset("tiny"), TINY_RUN_OVERRIDES)
     train(config, tiny_tokens_dir, run_dir, device="cpu", progress=False)
     return run_dir
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The hostile-input tally (tests/hostile.py), for docs/reliability.md."""
+    from hostile import TALLY
+
+    if TALLY:
+        counts = ", ".join(f"{suite} {count}" for suite, count in sorted(TALLY.items()))
+        terminalreporter.write_line(f"hostile inputs refused cleanly: {sum(TALLY.values())} ({counts})")
