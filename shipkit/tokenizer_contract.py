@@ -188,16 +188,6 @@ class TokenizerContract:
     # post-processor puts nothing between them. Read only by llama.cpp's rerank pooling.
     add_sep: bool | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pre": self.pre, "bos_id": self.bos_id, "eos_id": self.eos_id, "eot_id": self.eot_id,
-            "pad_id": self.pad_id, "unk_id": self.unk_id, "add_bos": self.add_bos,
-            "add_eos": self.add_eos, "chat_template": self.chat_template,
-            "fim_ids": dict(self.fim_ids), "separator_id": self.separator_id,
-            "chat_templates": dict(self.chat_templates), "add_space_prefix": self.add_space_prefix,
-            "add_sep": self.add_sep,
-        }
-
 
 def detect_pre_tokenizer(tokenizer_json: dict[str, Any], where: str | Path) -> str:
     """llama.cpp's pre-tokenizer name for this tokenizer.json, from its pre_tokenizer (Split

@@ -202,12 +202,6 @@ def test_no_separator_is_refused(family_dirs, tmp_path):
         read_contract(folder / "tokenizer.json")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_contract_to_dict_is_json(family_dirs, family):
-    contract = read_contract(family_dirs[family] / "tokenizer.json")
-    assert json.loads(json.dumps(contract.to_dict())) == contract.to_dict()
-
-
 def test_a_sentencepiece_style_bpe_is_refused_naming_what_is_supported(tmp_path):
     tokenizer = Tokenizer(models.BPE(byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
