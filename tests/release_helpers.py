@@ -67,7 +67,8 @@ def tokenizer_section(*, differing: int = 0) -> dict:
         "hf_tokens": 120, "llama_cpp_tokens": 131}
     return {
         "verdict": "FAIL" if differing else "PASS", "failed": ["documents"] if differing else [],
-        "gguf": "release/gguf/tiny-code-Q4_K_M.gguf", "pre": "gpt-2", "text_source": "tokens val split",
+        "gguf": "release/gguf/tiny-code-Q4_K_M.gguf", "pre": "gpt-2", "gguf_pre": "gpt-2",
+        "text_source": "tokens val split",
         "documents": {"verdict": "FAIL" if differing else "PASS", "documents_compared": 40,
                       "tokens_compared": 9000, "documents_differing": differing, "first_difference": first},
         "special_tokens": {"verdict": "PASS", "add_bos": False, "add_eos": False, "hf_ids": [5, 6],
