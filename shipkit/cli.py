@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from shipkit import __version__
-from shipkit.errors import EXIT_USAGE, ShipkitError
+from shipkit.errors import EXIT_CHECK_FAILED, EXIT_USAGE, ShipkitError
 
 
 class ShipkitGroup(click.Group):
@@ -25,6 +25,8 @@ class ShipkitGroup(click.Group):
             raise
         except KeyboardInterrupt:
             _fail(ctx, "interrupted", 130)
+        except OSError as error:  # a safety net: a file problem no stage turned into a ShipkitError
+            _fail(ctx, _os_error_line(error), EXIT_CHECK_FAILED)
         except Exception as error:  # a bug of ours: still one line unless --debug
             _fail(ctx, f"internal error: {type(error).__name__}: {error}", EXIT_USAGE)
 
@@ -32,8 +34,15 @@ class ShipkitGroup(click.Group):
 def _fail(ctx: click.Context, message: str, exit_code: int) -> None:
     if ctx.obj and ctx.obj.get("debug"):
         traceback.print_exc()
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {' '.join(message.splitlines())}", err=True)
     ctx.exit(exit_code)
+
+
+def _os_error_line(error: OSError) -> str:
+    """`FILE: strerror` (`SOURCE -> DESTINATION: strerror` for a rename)."""
+    files = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    reason = error.strerror or str(error)
+    return f"{files}: {reason}" if files else reason
 
 
 @click.group(cls=ShipkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,7 +20,7 @@ from typing import Any
 from shipkit import __version__
 from shipkit.apr import inspect_apr, validate_apr
 from shipkit.contract import Contract, Threshold, load_contract
-from shipkit.errors import InputError, ShipkitError
+from shipkit.errors import InputError, IntegrityError, ShipkitError
 from shipkit.evidence import evidence_path, read_evidence, write_evidence
 from shipkit.fsutil import sha256_file
 from shipkit.model import ModelConfig
@@ -517,9 +517,8 @@ def _gguf_files(run_dir: Path) -> list[Path]:
 def _gguf_gate(view: RunView, file_type: str, reason: str) -> Gate:
     """A GGUF in release/gguf whose header parses and declares `file_type` and the checkpoint's
     architecture."""
-    from gguf import GGUFReader
-
     from shipkit.quantize import mix
+    from shipkit.quantize.gguf_load import open_gguf
     from shipkit.quantize.tensor_names import GGUF_ARCHITECTURES
 
     gate_id = f"release.gguf.{file_type}"
@@ -530,10 +529,10 @@ def _gguf_gate(view: RunView, file_type: str, reason: str) -> Gate:
     for path in _gguf_files(view.run_dir):
         relative = path.relative_to(view.run_dir).as_posix()
         try:
-            reader = GGUFReader(path)
+            reader = open_gguf(path)
             found_type = int(reader.fields["general.file_type"].contents())
             found_arch = reader.fields["general.architecture"].contents()
-        except (LookupError, ValueError, OSError) as error:  # gguf raises IndexError for a truncated file
+        except (ShipkitError, LookupError, TypeError, ValueError) as error:  # a lying header, a missing or mistyped key
             seen.append(f"{relative}: header does not parse ({error})")
             continue
         evidence = [ref(relative, "general.file_type", found_type), ref(relative, "general.architecture", found_arch)]
@@ -624,7 +623,8 @@ def evaluate_gates(run_dir: str | Path, *, contract: str | Path | None = None,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: not a folder (give the RUN_DIR of `shipkit train` or `shipkit import`)")
-    loaded = load_contract(contract)
+    # An absolute path in `contract.source` lets `shipkit push` re-evaluate from any folder.
+    loaded = load_contract(None if contract is None else Path(contract).resolve())
     view = load_run(run_dir, loaded, checkpoint)
     gates = [gate for group in GATE_GROUPS for gate in group(view)]
     counts = {status: sum(gate.status == status for gate in gates) for status in STATUSES}
@@ -650,6 +650,64 @@ def run_gates(run_dir: str | Path, *, contract: str | Path | None = None,
     result = evaluate_gates(run_dir, contract=contract, checkpoint=checkpoint)
     write_evidence(run_dir, GATES_EVIDENCE, result)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# A recorded scoreboard against one evaluated now (`shipkit push`)
+
+# Fields of the record that follow from its gates: named as changed only when the gates agree.
+DERIVED_FIELDS = ("verdict", "summary", "counts")
+# Fields that must agree too. Left out: `date`, `host`, `shipkit_version`, `run_dir` (how RUN_DIR
+# was spelled) and each gate's `detail`, prose made from its evidence that may quote RUN_DIR.
+RECORD_FIELDS = ("checkpoint", "imported")
+GATE_FIELDS = ("category", "status", "evidence")
+
+
+def recorded_contract(scoreboard: dict[str, Any]) -> Path | None:
+    """The contract file a scoreboard was evaluated under, None for the packaged default: read
+    back from `contract.source`, which `load_contract` writes as `PATH (over DEFAULT)`."""
+    source, default = scoreboard["contract"]["source"], load_contract(None).source
+    if source == default:
+        return None
+    path, over, rest = source.rpartition(" (over ")
+    if not over or rest != f"{default})":
+        raise IntegrityError(f"evidence/{GATES_EVIDENCE}.json: contract.source {source!r} names no contract "
+                             "file; re-run `shipkit gates`")
+    return Path(path)
+
+
+def scoreboard_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How the scoreboard evaluated now differs from the recorded one, a phrase per changed gate
+    or field; empty when they agree."""
+    before = {gate["id"]: gate for gate in recorded["gates"]}
+    now = {gate["id"]: gate for gate in current["gates"]}
+    changes = [f"gate {gate_id} {change}" for gate_id in [*now, *(i for i in before if i not in now)]
+               if (change := _gate_change(before.get(gate_id), now.get(gate_id)))]
+    if not changes and [gate["id"] for gate in recorded["gates"]] != [gate["id"] for gate in current["gates"]]:
+        changes.append("the recorded gates repeat or reorder gates")
+    fields = [*RECORD_FIELDS, *(() if changes else DERIVED_FIELDS)]
+    changes += [f"{name} {_canonical(recorded[name])} recorded, {_canonical(current[name])} now"
+                for name in fields if _canonical(recorded[name]) != _canonical(current[name])]
+    if recorded["contract"]["name"] != current["contract"]["name"]:
+        changes.append(f"contract {recorded['contract']['name']!r} recorded, {current['contract']['name']!r} now")
+    return changes
+
+
+def _gate_change(before: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
+    if before is None:
+        return f"{now['status']} now, absent from the record"
+    if now is None:
+        return f"{before['status']} in the record, no longer evaluated"
+    if before["status"] != now["status"]:
+        return f"{before['status']} recorded, {now['status']} now ({' '.join(now['detail'].split())})"
+    if any(_canonical(before[name]) != _canonical(now[name]) for name in GATE_FIELDS):
+        return f"{now['status']} in both, but its evidence or category changed"
+    return None
+
+
+def _canonical(value: Any) -> str:
+    """JSON text, so a value compares equal to itself read back from evidence (tuples, NaN)."""
+    return json.dumps(value, sort_keys=True)
 
 
 def summary_line(counts: dict[str, int]) -> str:

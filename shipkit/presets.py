@@ -7,11 +7,45 @@ share one flat namespace because their names never collide.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shipkit.errors import InputError
-from shipkit.model import ModelConfig
+from shipkit.model import ModelConfig, finite_float, is_int, shown
+
+# Upper bounds of the run's counts, checked before anything is allocated.
+MAX_BATCH_SIZE = 1 << 16  # sequences per step and rank: each batch is allocated whole
+MAX_COUNT = 1 << 53  # steps and tokens: the schedule divides them as floats, exact up to 2^53
+MAX_SEED = (1 << 64) - 1  # torch.manual_seed takes an unsigned 64-bit seed
+# AdamW moves a weight by about lr a step, so anything above ~1 diverges (and stops loudly);
+# beyond float32's 3.4e38 torch's AdamW fails outright. 1e4 leaves room to watch a divergence.
+MAX_LR = 1e4
+# Integer fields -> (least, largest) value.
+INT_FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "seq_len": (1, MAX_COUNT),  # and at most the model's max_position_embeddings
+    "num_steps": (1, MAX_COUNT),
+    "steps_per_epoch": (1, MAX_COUNT),
+    "warmup_steps": (0, MAX_COUNT),
+    "seed": (0, MAX_SEED),
+    "val_tokens": (1, MAX_COUNT),
+    "early_stop_patience": (0, MAX_COUNT),  # 0: never stop early
+    "overfitting_rise_epochs": (1, MAX_COUNT),
+}
+# Float fields -> (the rule a finite value must meet, the rule in words).
+FLOAT_FIELD_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda value: 0 < value <= MAX_LR, f"in (0, {MAX_LR:g}]"),
+    "min_lr_ratio": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "weight_decay": (lambda value: value >= 0, ">= 0"),
+    "grad_clip": (lambda value: value > 0, "> 0"),
+    "beta1": (lambda value: 0 <= value < 1, "in [0, 1)"),  # AdamW refuses 1 and above
+    "beta2": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "memorization_threshold": (lambda value: value >= 0, ">= 0"),
+    "overfitting_gap_growth": (lambda value: value >= 0, ">= 0"),
+    "train_fraction": (lambda value: 0 < value <= 1, "in (0, 1]"),  # a share of the train windows
+}
 
 
 @dataclass
@@ -33,19 +67,32 @@ class TrainConfig:
     beta2: float = 0.95
     seed: int = 42
     val_tokens: int = 65536  # size of the fixed validation set drawn from the val split
-    memorization_threshold: float = 0.1  # nats; see docs/evidence.md
+    # Verdict thresholds (rules: docs/evidence.md, "summary.memorization").
+    memorization_threshold: float = 0.1  # nats: val and train "agree" within it
+    # nats beyond the first pass's gap: train perplexity 1.65x below val's is the model fitting its own text
+    overfitting_gap_growth: float = 0.5
+    overfitting_rise_epochs: int = 2  # consecutive val rises (train falling) that make a turn, not noise
+    early_stop_patience: int = 0  # stop after this many epochs without a new best val loss; 0: never
+    train_fraction: float = 1.0  # share of the train split's windows the run trains on (docs/training.md)
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "seq_len", "num_steps", "steps_per_epoch", "val_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"train config field {name}: must be at least 1")
-        if self.lr <= 0:
-            raise InputError("train config field lr: must be positive")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise InputError("train config field min_lr_ratio: must be between 0 and 1")
-        if self.warmup_steps < 0:
-            raise InputError("train config field warmup_steps: must be 0 or more")
+        """Every field checked (type, range) so that a bad override fails here, naming the
+        field, not as a NaN loss or a crash mid-run."""
+        if not isinstance(self.model, ModelConfig):
+            raise InputError(f"train config field model: expected a ModelConfig, got {shown(self.model)}")
+        if not isinstance(self.preset, str):
+            raise InputError(f"train config field preset: expected a name, got {shown(self.preset)}")
+        for name, (least, largest) in INT_FIELD_RANGES.items():
+            value = getattr(self, name)
+            if not is_int(value) or not least <= value <= largest:
+                raise InputError(f"train config field {name}: expected an integer from {least} to "
+                                 f"{largest}, got {shown(value)}")
+        for name, (holds, rule) in FLOAT_FIELD_RULES.items():
+            value = finite_float(getattr(self, name))
+            if value is None or not holds(value):
+                raise InputError(f"train config field {name}: expected a finite number {rule}, "
+                                 f"got {shown(getattr(self, name))}")
+            setattr(self, name, value)
         if self.seq_len > self.model.max_position_embeddings:
             raise InputError(
                 f"train config field seq_len: {self.seq_len} exceeds the model's "
@@ -58,6 +105,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, hyperparameters: dict[str, Any], model: dict[str, Any]) -> TrainConfig:
+        """The config of `to_dict()` and `model.to_dict()`; InputError naming the field for
+        anything else."""
+        if not isinstance(hyperparameters, dict):
+            raise InputError(f"train config: expected an object, got {shown(hyperparameters)}")
+        unknown = sorted(set(hyperparameters) - set(TRAIN_FIELDS))
+        if unknown:
+            raise InputError(f"train config: unknown field(s) {shown(', '.join(unknown))}")
         return cls(model=ModelConfig.from_dict(model), **hyperparameters)
 
 
@@ -108,18 +162,28 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def _parse_value(name: str, raw: str, current: Any) -> Any:
-    if isinstance(current, bool):
+NULL_WORDS = ("none", "null")  # how --set clears an optional field (head_dim, rope_scaling)
+
+
+def _parse_value(name: str, raw: str, kind: str) -> Any:
+    """`raw` as the field's declared type (`kind`, its annotation): true/false for a bool, a
+    number for int and float, JSON for rope_scaling; the config's own checks then judge it."""
+    if kind.endswith("| None") and raw.lower() in NULL_WORDS:
+        return None
+    kind = kind.removesuffix("| None").strip()
+    if kind == "bool":
         lowered = raw.lower()
         if lowered not in ("true", "false", "1", "0"):
             raise InputError(f"--set {name}={raw}: expected true or false")
         return lowered in ("true", "1")
+    if kind == "str":
+        return raw
+    parse: Callable[[str], Any] = {"int": int, "float": float}.get(kind, json.loads)
     try:
-        return type(current)(raw)
-    except ValueError:
-        raise InputError(
-            f"--set {name}={raw}: expected a {type(current).__name__}"
-        ) from None
+        return parse(raw)
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        expected = kind if kind in ("int", "float") else "JSON value"
+        raise InputError(f"--set {name}={raw}: expected a {expected}") from None
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -128,13 +192,13 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConf
     train_changes: dict[str, Any] = {}
     for name, value in overrides.items():
         if name in MODEL_FIELDS:
-            target, current = model_changes, getattr(config.model, name)
+            target, kind = model_changes, MODEL_FIELDS[name].type
         elif name in TRAIN_FIELDS:
-            target, current = train_changes, getattr(config, name)
+            target, kind = train_changes, TRAIN_FIELDS[name].type
         else:
             known = ", ".join(sorted(MODEL_FIELDS) + sorted(TRAIN_FIELDS))
             raise InputError(f"--set {name}: unknown field (known: {known})")
-        target[name] = _parse_value(name, value, current) if isinstance(value, str) else value
+        target[name] = _parse_value(name, value, str(kind)) if isinstance(value, str) else value
     if model_changes.keys() & {"hidden_size", "num_attention_heads"} and "head_dim" not in model_changes:
         model_changes["head_dim"] = None  # follow the new shape, as it did before head_dim was a field
     model = dataclasses.replace(config.model, **model_changes)

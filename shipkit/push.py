@@ -1,7 +1,9 @@
 """Push a release to the Hugging Face Hub: the safetensors repo and the GGUF repo, one commit each.
 
-Before anything leaves the machine the release is checked: the parity gate and the `shipkit gates`
-scoreboard passed (or are waived), the checkpoint validates, and every file still has the size and sha256 recorded in
+Before anything leaves the machine the release is checked: the parity gate passed; the `shipkit
+gates` scoreboard, evaluated afresh from the evidence on disk, passes and equals the recorded
+`evidence/gates.json` (failed gates may be waived, a stale or edited record may not); the
+checkpoint validates; and every file still has the size and sha256 recorded in
 `evidence/release.json`. After the commits the remote tree is listed and every file's size and
 sha256 (the LFS oid; the git blob id for small files) is compared with the local bytes.
 
@@ -23,6 +25,7 @@ from shipkit.apr import validate_apr
 from shipkit.errors import GateFailed, HubError, InputError, IntegrityError, ShipkitError
 from shipkit.evidence import evidence_path, read_evidence
 from shipkit.fsutil import HASH_CHUNK_BYTES, sha256_file
+from shipkit.gates import evaluate_gates, recorded_contract, scoreboard_changes
 from shipkit.release import (
     CARD_FILE,
     RELEASE_EVIDENCE,
@@ -35,6 +38,8 @@ from shipkit.release import (
 PASS = "PASS"  # the `verdict` of evidence/parity.json and evidence/gates.json when they pass
 MISSING = "MISSING"
 ROLES = ("hf", "gguf")
+GATES = "gates"  # evidence/gates.json, the recorded scoreboard
+SHOWN_CHANGES = 3  # scoreboard changes named in a refusal; the others are counted
 
 
 @dataclass
@@ -102,8 +107,10 @@ def push_release(
     `repo` / `gguf_repo` must be the repos the card was rendered for (`shipkit card --repo`);
     None means exactly those.
     Raises GateFailed when the parity gate (evidence/parity.json) or the gates scoreboard
-    (evidence/gates.json) did not pass or is missing and `allow_failed_gates` is False,
-    IntegrityError when the checkpoint or a release file fails its check, InputError for a
+    (evaluated afresh) did not pass or evidence/gates.json is missing and `allow_failed_gates`
+    is False; IntegrityError, whatever the flags, when evidence/gates.json differs from the
+    scoreboard evaluated now (a stale or edited record) and when the checkpoint or a release
+    file fails its check; InputError for a
     missing release or a repo the card does not name, HubError for a missing or rejected token,
     a refused request or an interrupted upload (re-running resumes: uploaded objects are kept),
     and when the remote files do not match the local ones. A dry run raises none of the gate
@@ -112,7 +119,8 @@ def push_release(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     plans = _plan(run_dir, manifest, repo, gguf_repo)
-    parity, scoreboard = _evidence_or_none(run_dir, "parity"), _evidence_or_none(run_dir, "gates")
+    parity, recorded = _evidence_or_none(run_dir, "parity"), _evidence_or_none(run_dir, GATES)
+    scoreboard = _rescore(run_dir, recorded, manifest["checkpoint"]["path"]) if recorded else None
     gates = {"checkpoint": _checkpoint_verdict(run_dir, manifest),
              "parity": parity["verdict"] if parity else MISSING,
              "scoreboard": f"{scoreboard['verdict']} ({scoreboard['summary']})" if scoreboard else MISSING}
@@ -131,16 +139,12 @@ def push_release(
     if gates["checkpoint"] != "VALID":
         report.refusals.append(IntegrityError(
             f"{manifest['checkpoint']['path']}: {gates['checkpoint']}; refusing to push"))
-    for name, evidence, passed in (("parity", "parity", parity is not None and parity["verdict"] == PASS),
-                                   ("scoreboard", "gates", scoreboard is not None and scoreboard["verdict"] == PASS)):
-        if passed:
-            continue
-        if allow_failed_gates:
-            report.waived.append(name)
-        else:
-            report.refusals.append(GateFailed(
-                f"{name} gate: {gates[name]} (evidence/{evidence}.json); refusing to push "
-                "(--allow-failed-gates releases it anyway)"))
+    if parity is None or parity["verdict"] != PASS:
+        _failed_gate(report, "parity", "evidence/parity.json", allow_failed_gates)
+    if recorded is not None:
+        report.refusals += _stale_refusals(run_dir, recorded, scoreboard)
+    if scoreboard is None or scoreboard["verdict"] != PASS:
+        _failed_gate(report, "scoreboard", f"evidence/{GATES}.json{_failed_gates(scoreboard)}", allow_failed_gates)
     if dry_run:
         return report
     if report.refusals:
@@ -182,6 +186,40 @@ def _check_unchanged(run_dir: Path, release_file: ReleaseFile) -> None:
 
 def _evidence_or_none(run_dir: Path, name: str) -> dict[str, Any] | None:
     return read_evidence(run_dir, name) if evidence_path(run_dir, name).is_file() else None
+
+
+def _failed_gate(report: PushReport, name: str, where: str, waive: bool) -> None:
+    if waive:
+        report.waived.append(name)
+    else:
+        report.refusals.append(GateFailed(f"{name} gate: {report.gates[name]} ({where}); refusing to push "
+                                          "(--allow-failed-gates releases it anyway)"))
+
+
+def _rescore(run_dir: Path, recorded: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """The scoreboard of the released checkpoint evaluated now, under the contract the recorded
+    one names."""
+    contract = recorded_contract(recorded)
+    try:
+        return evaluate_gates(run_dir, contract=contract, checkpoint=checkpoint)
+    except InputError as error:
+        raise IntegrityError(f"evidence/{GATES}.json: its scoreboard cannot be re-evaluated ({error}); "
+                             f"re-run `shipkit gates {run_dir}`") from None
+
+
+def _stale_refusals(run_dir: Path, recorded: dict[str, Any], scoreboard: dict[str, Any]) -> list[ShipkitError]:
+    """A refusal naming what changed when the recorded scoreboard is not the one evaluated now."""
+    changes = scoreboard_changes(recorded, scoreboard)
+    if not changes:
+        return []
+    more = f"; and {len(changes) - SHOWN_CHANGES} more" if len(changes) > SHOWN_CHANGES else ""
+    return [IntegrityError(f"evidence/{GATES}.json is stale or edited: {'; '.join(changes[:SHOWN_CHANGES])}{more}; "
+                           f"re-run `shipkit gates {run_dir}` and look at what changed")]
+
+
+def _failed_gates(scoreboard: dict[str, Any] | None) -> str:
+    failed = [gate["id"] for gate in scoreboard["gates"] if gate["status"] == "FAILED"] if scoreboard else []
+    return f", re-evaluated now; FAILED: {', '.join(failed)}" if failed else ""
 
 
 def _checkpoint_verdict(run_dir: Path, manifest: dict[str, Any]) -> str:

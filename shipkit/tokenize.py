@@ -25,7 +25,15 @@ from tqdm import tqdm
 
 from shipkit.corpus import iter_texts, read_corpus_manifest
 from shipkit.errors import InputError, IntegrityError
-from shipkit.fsutil import atomic_write, read_format_json, sha256_file, write_json
+from shipkit.fsutil import (
+    atomic_write,
+    confined_name,
+    make_out_dir,
+    manifest_field,
+    read_format_json,
+    sha256_file,
+    write_json,
+)
 from shipkit.tokenizer_contract import CARRIED_FILES, read_contract
 
 TOKEN_MAGIC = b"SHIPTOK\x00"
@@ -41,6 +49,7 @@ SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 MANIFEST_FORMAT = "shipkit-tokens/1"
+REENCODE = "re-run `shipkit tokenize encode`"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,8 +148,29 @@ class TokenSplit:
 
 
 def read_manifest(tokens_dir: str | os.PathLike[str]) -> dict:
-    return read_format_json(Path(tokens_dir) / MANIFEST_NAME, MANIFEST_FORMAT, "token manifest",
-                            "no token manifest; run `shipkit tokenize encode` first")
+    """manifest.json, with every field its readers use checked for type and range and every
+    shard path kept inside the folder: IntegrityError naming the file and the field."""
+    path = Path(tokens_dir) / MANIFEST_NAME
+    manifest = read_format_json(path, MANIFEST_FORMAT, "token manifest",
+                                  "no token manifest; run `shipkit tokenize encode` first")
+    vocab_size = manifest_field(manifest, "vocab_size", int, path, REENCODE, minimum=1)
+    eot_id = manifest_field(manifest, "eot_id", int, path, REENCODE, minimum=0)
+    if eot_id >= vocab_size:
+        raise IntegrityError(f"{path}: field eot_id {eot_id} is outside vocab_size {vocab_size}; {REENCODE}")
+    manifest_field(manifest, "tokenizer.sha256", str, path, REENCODE)
+    for split in SPLITS:
+        for count in ("tokens", "docs"):
+            manifest_field(manifest, f"splits.{split}.{count}", int, path, REENCODE, minimum=0)
+        for index in range(len(manifest_field(manifest, f"splits.{split}.shards", list, path, REENCODE))):
+            _check_shard_entry(manifest, f"splits.{split}.shards.{index}", path)
+    return manifest
+
+
+def _check_shard_entry(manifest: dict, prefix: str, path: Path) -> None:
+    confined_name(manifest_field(manifest, f"{prefix}.file", str, path, REENCODE), f"{path}: field {prefix}.file")
+    manifest_field(manifest, f"{prefix}.sha256", str, path, REENCODE)
+    for count in ("tokens", "docs"):
+        manifest_field(manifest, f"{prefix}.{count}", int, path, REENCODE, minimum=0)
 
 
 def read_tokens(tokens_dir: str | os.PathLike[str], split: str) -> TokenSplit:
@@ -181,6 +211,7 @@ def read_tokens(tokens_dir: str | os.PathLike[str], split: str) -> TokenSplit:
 
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE starts from one token per byte
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1  # ... plus the end-of-text token
+MAX_VOCAB_SIZE = 1 << 32  # token shards store ids in at most 32 bits
 
 
 @dataclass
@@ -203,12 +234,17 @@ def train_tokenizer(
     """Train on the corpus's train split only and write `out_dir/tokenizer.json`.
 
     Returns {"path", "sha256", "vocab_size", "train_docs"}; the vocabulary can come out smaller
-    than asked when the corpus has fewer distinct pairs than that.
+    than asked when the corpus has fewer distinct pairs than that. The texts come through
+    `iter_texts`, which refuses a document past the corpus bounds (MAX_DOCUMENT_BYTES,
+    MAX_LINE_CHARS), so the tokenizers library is never handed a pathological one.
     """
     config = config or TokenizerConfig()
     if config.vocab_size < MIN_VOCAB_SIZE:
         raise InputError(f"--vocab-size {config.vocab_size} is too small: byte-level BPE needs at least "
                          f"{MIN_VOCAB_SIZE} (256 bytes + {EOT_TOKEN})")
+    if config.vocab_size > MAX_VOCAB_SIZE:
+        raise InputError(f"--vocab-size {config.vocab_size} is too large: token shards hold ids of at most 32 bits")
+    make_out_dir(Path(out_dir))
     train = read_corpus_manifest(corpus_dir)["splits"]["train"]
     tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -367,8 +403,8 @@ def encode_corpus(
     """
     config = config or EncodeConfig()
     corpus_dir, tokens_dir = Path(corpus_dir), Path(tokens_dir)
+    make_out_dir(tokens_dir)
     corpus = read_corpus_manifest(corpus_dir)
-    tokens_dir.mkdir(parents=True, exist_ok=True)
     # Shards are about to be replaced: a run that dies half-way must not leave an old manifest
     # describing them.
     (tokens_dir / MANIFEST_NAME).unlink(missing_ok=True)

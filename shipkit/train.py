@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import math
 import os
@@ -21,12 +22,13 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,8 +41,22 @@ from shipkit.errors import InputError, TrainingError
 from shipkit.evidence import write_evidence
 from shipkit.fsutil import atomic_write, sha256_file, write_json
 from shipkit.graphed_step import GraphedTrainStep
-from shipkit.model import CausalLM, flops_per_token, parameter_count
-from shipkit.predict import judge_predictions, record_predictions
+from shipkit.model import (
+    CausalLM,
+    ModelConfig,
+    finite_float,
+    flops_per_token,
+    is_int,
+    parameter_count,
+    shown,
+    weight_shapes,
+)
+from shipkit.predict import (
+    Prediction,
+    judge_predictions,
+    parse_prediction,
+    record_predictions,
+)
 from shipkit.presets import TrainConfig, apply_overrides
 from shipkit.tokenize import read_manifest, read_tokens
 from shipkit.train_step import (
@@ -60,6 +76,24 @@ DIVERGENCE_FACTOR = 2.0  # val[n] > 2 × val[n−1] stops the run (issue 5)
 CONVERGENCE_TOLERANCE = 0.01  # relative val change between the last two epochs called a plateau
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM, the MFU denominator
 LOG_EVERY_STEPS = 10  # how often losses are pulled from the device (each pull is a sync)
+# The verdict's rules (docs/evidence.md): an epoch's train loss is the mean of its steps' losses
+# while the model improves, its val loss is measured at the epoch's end.
+FIRST_PASS_WRAPS = 1.0  # until the stream wraps, every window is new: the train loss is held-out
+EPOCH_MEAN_LAG = 0.5  # a convex falling curve's mean lies at most half its fall above its end
+EARLY_STOP = "early_stop"  # the stop_reason of a run that ran out of early_stop_patience
+# A train_fraction keeps whole blocks of this many contiguous windows: stretches of real text
+# (2,048 tokens at seq_len 128), and few enough slices even for a billion-token split.
+SUBSET_BLOCK_WINDOWS = 16
+SUBSET_SEED_WORD = 1 << 62  # beside the seed, a word no pass number reaches (passes use [seed, pass])
+# Held (flock) by the process writing RUN_DIR; a dotfile, so ship's output digests skip it.
+RUN_LOCK_FILE = ".train.lock"
+RESUME_KEYS = {"state", "adam_step", "hyperparameters", "data_dir", "world_size"}
+# The numbers of an epoch record that the verdicts of a resumed run read again.
+EPOCH_RECORD_NUMBERS = ("train_loss", "val_loss", "gap", "wraps")
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+RNG_CPU_TENSOR = "rng.torch_cpu"
+RNG_CUDA_TENSOR = "rng.torch_cuda"
+REASON_CHARS = 120  # of the tokenizers library's message, which may quote the crafted file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,32 +128,183 @@ def convergence_status(val_losses: list[float], stop_reason: str | None) -> str:
     return "plateaued"
 
 
-def memorization_verdict(epochs: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """The verdict on the last epoch; rules in docs/evidence.md."""
-    if not epochs:
-        return {
-            "verdict": "inconclusive",
-            "gap": None,
-            "wraps": 0.0,
-            "threshold": threshold,
-            "reason": "no completed epoch",
-        }
-    last = epochs[-1]
-    gap, wraps = last["gap"], last["wraps"]
-    numbers = f"gap val − train = {gap:+.3f} nats at {wraps:.2f} wraps (threshold {threshold})"
-    if wraps > 1 and gap < -threshold:
-        verdict = "memorization-suspect"
-        reason = f"val loss below train loss after more than one pass: {numbers}"
-    elif abs(gap) <= threshold:
-        verdict = "healthy"
-        reason = f"val and train loss agree: {numbers}"
-    elif gap < 0:
-        verdict = "inconclusive"
-        reason = f"val below train within the first pass, expected while loss falls: {numbers}"
-    else:
-        verdict = "inconclusive"
-        reason = f"val above train by more than the threshold (overfitting or split shift?): {numbers}"
-    return {"verdict": verdict, "gap": gap, "wraps": wraps, "threshold": threshold, "reason": reason}
+def epochs_without_improvement(epochs: list[dict[str, Any]]) -> int:
+    """Epochs recorded after the one with the lowest val loss (read from the records, which
+    every DDP rank holds, so all ranks stop at the same epoch)."""
+    return len(epochs) - 1 - best_index(epochs) if epochs else 0
+
+
+def early_stop_due(epochs: list[dict[str, Any]], patience: int) -> bool:
+    """Whether `patience` epochs have passed without a new best val loss (patience 0: never)."""
+    return patience > 0 and epochs_without_improvement(epochs) >= patience
+
+
+def train_lag(epochs: list[dict[str, Any]], index: int) -> float:
+    """How far epoch `index`'s (0-based, not the first) mean train loss may sit above the loss
+    at its end: half its fall from the epoch before. For a decelerating (convex) loss curve the
+    fall within an epoch is at most the fall of the epoch means, and the mean of a convex stretch
+    lies at most half its fall above its end."""
+    fall = epochs[index - 1]["train_loss"] - epochs[index]["train_loss"]
+    return EPOCH_MEAN_LAG * max(0.0, fall)
+
+
+def gap_bounds(epochs: list[dict[str, Any]], index: int) -> tuple[float, float]:
+    """(low, high) bounds of val − train at the end of epoch `index` (not the first): the
+    recorded gap, whose mean train loss errs high, and the gap with the train loss moved down by
+    `train_lag`. A claim that val sits above train uses the low bound, below train the high one."""
+    gap = epochs[index]["gap"]
+    return gap, gap + train_lag(epochs, index)
+
+
+def first_pass_index(epochs: list[dict[str, Any]]) -> int | None:
+    """The last epoch after the first that ended within the first pass: every window it trained
+    on was new, so its train loss is a held-out measure and its gap compares the two splits.
+    None when epoch 2 already wrapped (epoch 1's mean starts at the untrained model's loss)."""
+    indices = [index for index in range(1, len(epochs)) if epochs[index]["wraps"] <= FIRST_PASS_WRAPS]
+    return indices[-1] if indices else None
+
+
+def best_index(epochs: list[dict[str, Any]]) -> int:
+    return min(range(len(epochs)), key=lambda index: epochs[index]["val_loss"])
+
+
+def onset(epochs: list[dict[str, Any]], holds: Callable[[int], bool]) -> int | None:
+    """The 1-based epoch from which `holds(index)` is true, past the first pass, through the
+    last epoch; None if it does not hold at the last."""
+    found = None
+    for index in range(len(epochs) - 1, 0, -1):
+        if epochs[index]["wraps"] <= FIRST_PASS_WRAPS or not holds(index):
+            break
+        found = index + 1
+    return found
+
+
+def val_rise(epochs: list[dict[str, Any]], best: int, rise_epochs: int) -> int | None:
+    """The length of the first run of at least `rise_epochs` consecutive epochs after the best
+    (0-based `best`), past the first pass, in which val rose while train fell; None if there is
+    none. Such a run shows that val turned after the best epoch and that it is not noise."""
+    length = 0
+    for index in range(best + 1, len(epochs)):
+        previous, current = epochs[index - 1], epochs[index]
+        if (current["val_loss"] > previous["val_loss"] and current["train_loss"] < previous["train_loss"]
+                and current["wraps"] > FIRST_PASS_WRAPS):
+            length += 1
+        elif length >= rise_epochs:
+            break
+        else:
+            length = 0
+    return length if length >= rise_epochs else None
+
+
+def training_verdict(
+    epochs: list[dict[str, Any]],
+    *,
+    threshold: float,
+    gap_growth: float,
+    rise_epochs: int,
+) -> dict[str, Any]:
+    """What the loss curves say happened, judged at the last epoch: healthy, too-early,
+    split-shift, overfitting or memorization-suspect, with the rule that decided, its numbers,
+    the best-val epoch and (overfitting, memorization-suspect) the epoch the run turned. The
+    thresholds are TrainConfig's memorization_threshold, overfitting_gap_growth and
+    overfitting_rise_epochs. Rules and precedence: docs/evidence.md."""
+    judged: dict[str, Any] = {
+        "epoch": len(epochs) or None,
+        "gap": epochs[-1]["gap"] if epochs else None,
+        "wraps": epochs[-1]["wraps"] if epochs else 0.0,
+        "train_lag": None,
+        "first_pass_epoch": None,
+        "first_pass_gap": None,
+        "gap_growth": None,
+        "best_epoch": best_index(epochs) + 1 if epochs else None,
+        "turn_epoch": None,
+        "threshold": threshold,
+        "overfitting_gap_growth": gap_growth,
+        "overfitting_rise_epochs": rise_epochs,
+    }
+
+    def verdict(name: str, rule: str, reason: str, turn_epoch: int | None = None) -> dict[str, Any]:
+        return {"verdict": name, "rule": rule, "reason": reason, **judged, "turn_epoch": turn_epoch}
+
+    if len(epochs) < 2:
+        reason = "no completed epoch" if not epochs else (
+            "one epoch: its mean train loss starts at the untrained model's, so it cannot be compared with val")
+        return verdict("too-early", "no-epoch" if not epochs else "single-epoch", reason)
+    last = len(epochs) - 1
+    low, high = gap_bounds(epochs, last)
+    wraps = judged["wraps"]
+    judged["train_lag"] = high - low
+    at = f"{wraps:.2f} passes over the train split"
+    if wraps <= FIRST_PASS_WRAPS:
+        judged.update(first_pass_epoch=last + 1, first_pass_gap=low)
+        return _first_pass_verdict(epochs, low, high, threshold, at, verdict)
+
+    first = first_pass_index(epochs)
+    first_low, first_high = gap_bounds(epochs, first) if first is not None else (0.0, 0.0)
+    if first is not None:
+        judged.update(first_pass_epoch=first + 1, first_pass_gap=first_low)
+    best = judged["best_epoch"] - 1
+    growth = low - max(first_high, 0.0)
+    judged["gap_growth"] = growth
+    floor = min(first_low, 0.0) - threshold  # val this far below train was not there in the first pass
+
+    if high < floor:
+        turn = onset(epochs, lambda index: gap_bounds(epochs, index)[1] < floor)
+        return verdict("memorization-suspect", "val-below-train",
+                       f"val below train by {-high:.3f} nats or more after {at} (threshold {threshold}): "
+                       "held-out text scores better than the text trained on, the signature of val text "
+                       "recalled from train", turn)
+    rise = val_rise(epochs, best, rise_epochs)
+    if rise is not None:
+        return verdict("overfitting", "val-rose",
+                       f"val turned after its best {epochs[best]['val_loss']:.4f} (epoch {best + 1}): it rose "
+                       f"in {rise} consecutive epochs while train fell; at the last epoch val "
+                       f"{epochs[-1]['val_loss']:.4f}, train {epochs[-1]['train_loss']:.4f} after {at}", best + 2)
+    if growth > gap_growth:
+        turn = onset(epochs, lambda index: gap_bounds(epochs, index)[0] - max(first_high, 0.0) > gap_growth)
+        return verdict("overfitting", "gap-grew",
+                       f"val − train grew to {low:+.3f} nats after {at}, {growth:+.3f} beyond the first "
+                       f"pass's (threshold {gap_growth}): the model fits its training text, not the held-out "
+                       "text", turn)
+    if first is not None and (first_low > threshold or first_high < -threshold):
+        side = "above" if first_low > threshold else "below"
+        return verdict("split-shift", "first-pass-shift",
+                       f"val was {side} train by more than {threshold} nats in the first pass (epoch "
+                       f"{first + 1}, gap {first_low:+.3f}), where every window was new: the splits differ; "
+                       f"since then the gap moved by {growth:+.3f} (threshold {gap_growth})")
+    return verdict("healthy", "agree",
+                   f"after {at} val − train is {low:+.3f} nats: not below the first pass's by more than "
+                   f"{threshold}, grown {growth:+.3f} beyond it (threshold {gap_growth}), and val has not turned")
+
+
+def _first_pass_verdict(
+    epochs: list[dict[str, Any]],
+    low: float,
+    high: float,
+    threshold: float,
+    at: str,
+    verdict: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
+    """The verdict of a run that has not wrapped: nothing was seen twice, so the train loss is a
+    held-out measure and only the splits can differ."""
+    if low > threshold:
+        return verdict("split-shift", "first-pass-val-above",
+                       f"val above train by {low:+.3f} nats within the first pass ({at}), where every "
+                       f"window is new and the mean train loss errs high (threshold {threshold}): the val "
+                       "split is harder than train")
+    if high < -threshold:
+        return verdict("split-shift", "first-pass-val-below",
+                       f"val below train by {-high:.3f} nats or more within the first pass ({at}), even "
+                       f"with the mean train loss moved to the epoch's end (threshold {threshold}): the val "
+                       "split is easier than train")
+    previous, val_loss = epochs[-2]["val_loss"], epochs[-1]["val_loss"]
+    if val_loss < previous * (1 - CONVERGENCE_TOLERANCE):
+        return verdict("too-early", "first-pass-falling",
+                       f"{at}, under one, and val still falling ({previous:.4f} → {val_loss:.4f}): nothing "
+                       "has been trained on twice, so overfitting and memorization cannot show yet")
+    return verdict("healthy", "first-pass-agree",
+                   f"val − train is {low:+.3f} nats within the first pass ({at}), inside ±{threshold}, and "
+                   "val stopped falling")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +333,17 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def early_stop_record(state: RunState, patience: int, stop_reason: str | None) -> dict[str, Any] | None:
+    """The evidence's `summary.early_stop`: null without a patience."""
+    if patience == 0:
+        return None
+    return {
+        "patience": patience,
+        "epochs_without_improvement": epochs_without_improvement(state.epochs),
+        "stopped_after_epoch": len(state.epochs) if stop_reason == EARLY_STOP else None,
+    }
+
+
 def build_evidence(
     state: RunState,
     config: TrainConfig,
@@ -169,7 +365,13 @@ def build_evidence(
         "best_epoch": state.best_epoch,
         "best_checkpoint": state.best_checkpoint,
         "convergence": convergence_status(val_losses, stop_reason),
-        "memorization": memorization_verdict(state.epochs, config.memorization_threshold),
+        "memorization": training_verdict(
+            state.epochs,
+            threshold=config.memorization_threshold,
+            gap_growth=config.overfitting_gap_growth,
+            rise_epochs=config.overfitting_rise_epochs,
+        ),
+        "early_stop": early_stop_record(state, config.early_stop_patience, stop_reason),
     }
     finished = status != "running"
     return {
@@ -294,6 +496,23 @@ def _copy_atomic(source: Path, destination: Path) -> None:
         shutil.copyfileobj(reader, writer, 16 << 20)
 
 
+def train_subset(shards: Sequence[np.ndarray], seq_len: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """The stretches of the train split a run trains on: all of it at fraction 1, else a seeded
+    random `fraction` of its blocks of SUBSET_BLOCK_WINDOWS windows (views, in split order), so
+    a smaller corpus is a random sample of the same text, the val split untouched."""
+    if fraction == 1.0:
+        return list(shards)
+    block_tokens = SUBSET_BLOCK_WINDOWS * seq_len
+    blocks = [(number, start) for number, shard in enumerate(shards)
+              for start in range(0, len(shard) - seq_len, block_tokens)]  # each holds a window
+    if not blocks:
+        return list(shards)  # no window at all: the stream stops the run as empty-stream
+    keep = max(1, round(fraction * len(blocks)))
+    chosen = np.random.default_rng([seed, SUBSET_SEED_WORD]).choice(len(blocks), keep, replace=False)
+    return [shards[number][start : start + block_tokens + 1]
+            for number, start in (blocks[index] for index in sorted(chosen))]
+
+
 def _corpus_stats(data_dir: Path, train_split: Any, val_split: Any, val_eval_tokens: int) -> dict[str, Any]:
     manifest = read_manifest(data_dir)
 
@@ -311,6 +530,193 @@ def _corpus_stats(data_dir: Path, train_split: Any, val_split: Any, val_eval_tok
         "val_eval_tokens": val_eval_tokens,
         "tokenizer_sha256": train_split.tokenizer_sha256,
     }
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR's writer lock (creating RUN_DIR if need be): an exclusive flock on
+    RUN_DIR/.train.lock holding our pid. The kernel drops it when the process ends however it
+    ends, kill -9 included, so no stale lock is left; the file itself stays (removing it would
+    let two writers lock two different files). Raises InputError at once if another process
+    holds it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(run_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise InputError(f"{run_dir}: cannot create the run folder's lock ({error.strerror})") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise InputError(f"{run_dir} is being written by another shipkit train (pid {holder}); "
+                             "wait for it to end or choose another --out") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _writer_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """`run_dir_lock` in the process that writes RUN_DIR (rank 0 under torchrun); the other
+    ranks write nothing there and take no lock."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return run_dir_lock(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume files: every field checked against the others before anything is built
+
+
+@dataclass
+class ResumePoint:
+    """What a resume file restores besides tensors, checked."""
+
+    config: TrainConfig
+    state: RunState
+    tokenizer_sha256: str
+    data_dir: Path
+
+
+def read_resume_point(run_dir: Path, epoch: int) -> ResumePoint:
+    """`epoch`'s resume file and weights file, their metadata checked against each other and
+    against the tensors (rules in docs/training.md, "Resume"). Raises InputError naming the
+    file and field, IntegrityError for a corrupt file; reads no tensor data."""
+    path = run_dir / f"{epoch_stem(epoch)}.resume.apr"
+    checkpoint = read_apr(path, verify=False)
+    try:
+        point = _resume_point(checkpoint.metadata, epoch)
+        _check_resume_tensors(checkpoint.tensors, point.config.model)
+    except InputError as error:
+        raise InputError(f"--resume {path}: {error}") from None
+    weights = read_apr(run_dir / f"{epoch_stem(epoch)}.apr", verify=False)
+    if weights.metadata.get("kind") != "weights" or weights.config != point.config.model:
+        raise InputError(f"--resume {weights.path}: not the weights of {path.name} (kind or model config differs)")
+    return point
+
+
+def _resume_point(metadata: dict[str, Any], epoch: int) -> ResumePoint:
+    if metadata.get("kind") != "resume":
+        raise InputError(f"metadata kind: {shown(metadata.get('kind'))}, expected 'resume'")
+    saved = metadata.get("resume")
+    if not isinstance(saved, dict) or set(saved) != RESUME_KEYS:
+        raise InputError(f"metadata resume: expected an object with keys {', '.join(sorted(RESUME_KEYS))}")
+    config = TrainConfig.from_dict(saved["hyperparameters"], metadata.get("config"))
+    state = _run_state(saved["state"])
+    world_size = saved["world_size"]
+    if not is_int(world_size) or world_size < 1:
+        raise InputError(f"metadata resume.world_size: expected a positive integer, got {shown(world_size)}")
+    if not isinstance(saved["data_dir"], str) or not saved["data_dir"]:
+        raise InputError(f"metadata resume.data_dir: expected a folder name, got {shown(saved['data_dir'])}")
+    tokenizer_sha256 = (metadata.get("tokenizer") or {}).get("sha256")
+    if not isinstance(tokenizer_sha256, str):
+        raise InputError("metadata tokenizer.sha256: missing (the run's tokenizer cannot be checked)")
+    _check_progress(state, config, epoch)
+    if saved["adam_step"] != state.step or not is_int(saved["adam_step"]):
+        raise InputError(f"metadata resume.adam_step: {shown(saved['adam_step'])}, but the run is at "
+                         f"step {state.step}")
+    consumed = state.step * config.batch_size * world_size  # windows, all ranks together
+    if state.cursor != consumed:
+        raise InputError(f"metadata resume.state.cursor: {state.cursor}, but {state.step} steps of "
+                         f"{config.batch_size} sequences on {world_size} rank(s) consumed {consumed} windows")
+    return ResumePoint(config, state, tokenizer_sha256, Path(saved["data_dir"]))
+
+
+def _run_state(data: Any) -> RunState:
+    names = {f.name for f in dataclasses.fields(RunState)}
+    if not isinstance(data, dict) or not {"run_id", "date"} <= set(data) <= names:
+        raise InputError(f"metadata resume.state: expected an object with fields {', '.join(sorted(names))}")
+    state = RunState(**data)
+    where = "metadata resume.state"
+    if not isinstance(state.run_id, str) or not isinstance(state.date, str):
+        raise InputError(f"{where}.run_id/date: expected strings")
+    for name in ("step", "cursor"):
+        value = getattr(state, name)
+        if not is_int(value) or value < 0:
+            raise InputError(f"{where}.{name}: expected a non-negative integer, got {shown(value)}")
+    if not isinstance(state.epochs, list) or not isinstance(state.predictions, list):
+        raise InputError(f"{where}.epochs/predictions: expected lists")
+    for entry in state.predictions:
+        _check_recorded_prediction(entry)
+    return state
+
+
+def _check_recorded_prediction(entry: Any) -> None:
+    """A recorded prediction is judged again at the end: its parts must be what its text says."""
+    expr = entry.get("expr") if isinstance(entry, dict) else None
+    if not isinstance(expr, str):
+        raise InputError(f"metadata resume.state.predictions: entry {shown(entry)} has no expr")
+    parsed = parse_prediction(expr)
+    if parsed != Prediction(field=entry.get("field"), op=entry.get("op"), value=entry.get("value")):
+        raise InputError(f"metadata resume.state.predictions: {shown(expr)} differs from its field/op/value")
+
+
+def _check_progress(state: RunState, config: TrainConfig, epoch: int) -> None:
+    """One record per epoch up to the file's, each advancing 1..steps_per_epoch steps, ending
+    at the state's step within the plan, and the best epoch one of them."""
+    where = "metadata resume.state"
+    if epoch < 1 or len(state.epochs) != epoch:
+        raise InputError(f"{where}.epochs: {len(state.epochs)} epoch record(s) in the file of epoch {epoch}")
+    step = 0
+    for number, record in enumerate(state.epochs, start=1):
+        step = _check_epoch_record(record, number, step, config.steps_per_epoch)
+    if state.step != step:
+        raise InputError(f"{where}.step: {state.step}, but epoch {epoch} ended at step {step}")
+    if state.step > config.num_steps:
+        raise InputError(f"{where}.step: {state.step} is beyond the plan's num_steps {config.num_steps}")
+    best = state.best_epoch
+    if best is None:
+        if state.best_val_loss is not None or state.best_checkpoint is not None:
+            raise InputError(f"{where}.best_epoch: null beside a best val loss or checkpoint")
+        return
+    if not is_int(best) or not 1 <= best <= epoch:
+        raise InputError(f"{where}.best_epoch: expected an epoch from 1 to {epoch}, got {shown(best)}")
+    if state.best_val_loss != state.epochs[best - 1]["val_loss"]:
+        raise InputError(f"{where}.best_val_loss: {shown(state.best_val_loss)} is not epoch {best}'s val loss")
+    recorded = state.best_checkpoint
+    if not isinstance(recorded, dict) or recorded.get("path") != BEST_CHECKPOINT or recorded.get("epoch") != best:
+        raise InputError(f"{where}.best_checkpoint: expected {BEST_CHECKPOINT} of epoch {best}, got {shown(recorded)}")
+
+
+def _check_epoch_record(record: Any, number: int, previous_step: int, steps_per_epoch: int) -> int:
+    """Epoch `number`'s record checked; returns the step it ended at."""
+    where = f"metadata resume.state.epochs[{number - 1}]"
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object, got {shown(record)}")
+    if not is_int(record.get("epoch")) or record["epoch"] != number:
+        raise InputError(f"{where}.epoch: expected {number}, got {shown(record.get('epoch'))}")
+    step = record.get("step")
+    if not is_int(step) or not previous_step < step <= previous_step + steps_per_epoch:
+        raise InputError(f"{where}.step: expected {previous_step + 1} to {previous_step + steps_per_epoch} "
+                         f"(steps_per_epoch {steps_per_epoch} after step {previous_step}), got {shown(step)}")
+    for name in EPOCH_RECORD_NUMBERS:
+        if finite_float(record.get(name)) is None:
+            raise InputError(f"{where}.{name}: expected a finite number, got {shown(record.get(name))}")
+    return step
+
+
+def _check_resume_tensors(tensors: dict[str, torch.Tensor], model: ModelConfig) -> None:
+    """Adam's two float32 moments for every weight, shaped as it, and the RNG states (U8)."""
+    expected = {f"optimizer.{name}.{moment}": shape
+                for name, shape in weight_shapes(model).items() for moment in ADAM_MOMENTS}
+    rng_size = torch.get_rng_state().numel()
+    for name, tensor in tensors.items():
+        if name in expected:
+            if tuple(tensor.shape) != expected[name] or tensor.dtype != torch.float32:
+                raise InputError(f"tensor {name}: {tensor.dtype} {list(tensor.shape)}, the config implies "
+                                 f"torch.float32 {list(expected[name])}")
+        elif name in (RNG_CPU_TENSOR, RNG_CUDA_TENSOR):
+            if tensor.dtype != torch.uint8 or tensor.dim() != 1 or \
+                    (name == RNG_CPU_TENSOR and tensor.numel() != rng_size):
+                raise InputError(f"tensor {name}: expected a 1-d U8 RNG state, got {tensor.dtype} "
+                                 f"{list(tensor.shape)}")
+        else:
+            raise InputError(f"tensor {name}: not part of a resume file")
+    missing = sorted((set(expected) | {RNG_CPU_TENSOR}) - set(tensors))
+    if missing:
+        raise InputError(f"tensor {missing[0]}: missing ({len(missing)} in all)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +856,8 @@ class Trainer:
         write_apr(self.run_dir / f"{epoch_stem(epoch)}.resume.apr", tensors, metadata)
 
     def restore(self, epoch: int) -> None:
-        """Load the weights, Adam moments and RNG state saved after `epoch`."""
+        """Load the weights, Adam moments and RNG state saved after `epoch` (their metadata
+        already checked by `read_resume_point`)."""
         weights = read_apr(self.run_dir / f"{epoch_stem(epoch)}.apr")
         self.model.load_weights({name: t.clone() for name, t in weights.tensors.items()})
         resume = read_apr(self.run_dir / f"{epoch_stem(epoch)}.resume.apr")
@@ -491,7 +898,7 @@ class Trainer:
             val_windows = validation_windows(self.val_split.shards, config.seq_len, config.val_tokens)
             self.corpus["val_eval_tokens"] = val_windows[:, 1:].numel()
             stream = TrainStream(
-                self.train_split.shards,
+                train_subset(self.train_split.shards, config.seq_len, config.train_fraction, config.seed),
                 config.seq_len,
                 config.batch_size,
                 config.seed,
@@ -501,7 +908,7 @@ class Trainer:
             )
             if self.state.predictions and not self.state.epochs:
                 self.write_summary("running", None, None)  # the predictions, on file before step 1
-            self._train_epochs(stream, val_windows)
+            stop_reason, stop_message = self._train_epochs(stream, val_windows)
         except EmptyStreamError as error:
             self.write_summary("stopped", "empty-stream", str(error))
             raise
@@ -511,12 +918,15 @@ class Trainer:
         except KeyboardInterrupt:
             self.write_summary("stopped", "interrupted", "interrupted by the user")
             raise
-        self.write_summary("completed", "completed", None)
+        self.write_summary("completed", stop_reason, stop_message)
         return build_evidence(
-            self.state, config, self.device_info, self.corpus, "completed", "completed", None
+            self.state, config, self.device_info, self.corpus, "completed", stop_reason, stop_message
         )
 
-    def _train_epochs(self, stream: TrainStream, val_windows: torch.Tensor) -> None:
+    def _train_epochs(self, stream: TrainStream, val_windows: torch.Tensor) -> tuple[str, str | None]:
+        """Epochs until num_steps or, with a patience, until it runs out (checked before each
+        epoch, so a resumed run that had used it up stays stopped); returns the stop reason
+        and message."""
         config, placement = self.config, self.placement
         tokens_per_step = config.batch_size * config.seq_len * placement.world_size
         flops = flops_per_token(config.model, config.seq_len)
@@ -530,6 +940,8 @@ class Trainer:
         )
         with bar:
             while self.state.step < config.num_steps:
+                if early_stop_due(self.state.epochs, config.early_stop_patience):
+                    return EARLY_STOP, self._early_stop_message()
                 epoch = len(self.state.epochs) + 1
                 steps = min(config.steps_per_epoch, config.num_steps - self.state.step)
                 epoch_start = time.perf_counter()
@@ -544,6 +956,13 @@ class Trainer:
                         f"wraps {record['wraps']:.2f}  {record['tokens_per_second']:.0f} tok/s",
                         file=sys.stderr,
                     )
+        return "completed", None
+
+    def _early_stop_message(self) -> str:
+        epochs, best = self.state.epochs, best_index(self.state.epochs)
+        return (f"stopped early after epoch {len(epochs)} (step {self.state.step} of {self.config.num_steps}): "
+                f"no new best val loss in {self.config.early_stop_patience} epoch(s) (early_stop_patience); "
+                f"best {epochs[best]['val_loss']:.4f} at epoch {best + 1}")
 
     def _train_epoch(
         self, epoch: int, steps: int, stream: TrainStream, bar: tqdm, tokens_per_step: int, flops: float
@@ -644,7 +1063,12 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
 def _tokenizer_vocab_size(tokenizer_path: Path) -> int:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(tokenizer_path)).get_vocab_size(with_added_tokens=True)
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as error:  # the Rust side raises its own Exception type
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:REASON_CHARS]
+        raise InputError(f"{tokenizer_path}: the tokenizers library cannot load it ({reason})") from None
+    return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 def train(
@@ -663,30 +1087,30 @@ def train(
     (`"best_val_loss < 8.9"`, grammar in `shipkit.predict`) are recorded in the evidence before
     the first step and judged when the run ends. Raises InputError for a bad folder, option or
     prediction (before any training), TrainingError when the run stops early (the evidence,
-    written first, says why).
+    written first, says why). RUN_DIR is locked while the run writes it (`run_dir_lock`).
     """
     recorded = record_predictions(predictions)
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     tokenizer_path = data_dir / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise InputError(f"--data {data_dir}: no {TOKENIZER_FILE} (run `shipkit tokenize encode` first)")
-    _check_fresh_run_dir(run_dir)
     config = apply_overrides(config, {"vocab_size": _tokenizer_vocab_size(tokenizer_path)})
-    placement = setup_placement(device)
-    if placement.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(tokenizer_path, run_dir / TOKENIZER_FILE)
-    now = datetime.now(UTC).replace(microsecond=0)
-    run_id = new_run_id(now)
-    if placement.world_size > 1:
-        shared = [run_id]
-        dist.broadcast_object_list(shared, src=0)
-        run_id = shared[0]
-    state = RunState(run_id=run_id, date=now.isoformat().replace("+00:00", "Z"), predictions=recorded)
-    try:
-        return Trainer(config, data_dir, run_dir, placement, compile_model, progress, state).run()
-    finally:
-        _release(placement)
+    with _writer_lock(run_dir):
+        _check_fresh_run_dir(run_dir)  # under the lock: no other run can start in between
+        placement = setup_placement(device)
+        if placement.is_main:
+            _copy_atomic(tokenizer_path, run_dir / TOKENIZER_FILE)
+        now = datetime.now(UTC).replace(microsecond=0)
+        run_id = new_run_id(now)
+        if placement.world_size > 1:
+            shared = [run_id]
+            dist.broadcast_object_list(shared, src=0)
+            run_id = shared[0]
+        state = RunState(run_id=run_id, date=now.isoformat().replace("+00:00", "Z"), predictions=recorded)
+        try:
+            return Trainer(config, data_dir, run_dir, placement, compile_model, progress, state).run()
+        finally:
+            _release(placement)
 
 
 def resume(
@@ -701,32 +1125,34 @@ def resume(
     """Continue `run_dir` from its last saved epoch (optionally to a larger `num_steps`).
 
     On CPU with the same world size the continued losses equal an uninterrupted run's bit for
-    bit. `data_dir` defaults to the folder the run was started with.
+    bit. `data_dir` defaults to the folder the run was started with. The resume file is checked
+    whole (`read_resume_point`) before anything is built, and RUN_DIR is locked while the run
+    writes it (`run_dir_lock`).
     """
     run_dir = Path(run_dir)
-    epoch = latest_resume_epoch(run_dir)
-    saved = read_apr(run_dir / f"{epoch_stem(epoch)}.resume.apr", verify=False).metadata
-    resume_meta = saved["resume"]
-    config = TrainConfig.from_dict(resume_meta["hyperparameters"], saved["config"])
-    if num_steps is not None:
-        config = apply_overrides(config, {"num_steps": num_steps})
-    state_fields = dict(resume_meta["state"])
-    state = RunState(**state_fields)
-    if state.step >= config.num_steps:
-        raise InputError(
-            f"--resume {run_dir}: the run already reached num_steps {config.num_steps}; "
-            "pass a larger --num-steps to continue it"
-        )
-    data_dir = Path(data_dir) if data_dir is not None else Path(resume_meta["data_dir"])
-    placement = setup_placement(device)
-    try:
-        trainer = Trainer(config, data_dir, run_dir, placement, compile_model, progress, state)
-        if trainer.tokenizer_sha256 != saved["tokenizer"]["sha256"]:
+    if not run_dir.is_dir():
+        raise InputError(f"--resume {run_dir}: not a folder")
+    with _writer_lock(run_dir):
+        epoch = latest_resume_epoch(run_dir)
+        point = read_resume_point(run_dir, epoch)
+        config = point.config
+        if num_steps is not None:
+            config = apply_overrides(config, {"num_steps": num_steps})
+        if point.state.step >= config.num_steps:
             raise InputError(
-                f"--data {data_dir}: its tokenizer (sha256 {trainer.tokenizer_sha256[:12]}…) is not "
-                f"the one the run was trained with ({saved['tokenizer']['sha256'][:12]}…)"
+                f"--resume {run_dir}: the run already reached num_steps {config.num_steps}; "
+                "pass a larger --num-steps to continue it"
             )
-        trainer.restore(epoch)
-        return trainer.run()
-    finally:
-        _release(placement)
+        data_dir = Path(data_dir) if data_dir is not None else point.data_dir
+        placement = setup_placement(device)
+        try:
+            trainer = Trainer(config, data_dir, run_dir, placement, compile_model, progress, point.state)
+            if trainer.tokenizer_sha256 != point.tokenizer_sha256:
+                raise InputError(
+                    f"--data {data_dir}: its tokenizer (sha256 {trainer.tokenizer_sha256[:12]}…) is not "
+                    f"the one the run was trained with ({point.tokenizer_sha256[:12]}…)"
+                )
+            trainer.restore(epoch)
+            return trainer.run()
+        finally:
+            _release(placement)

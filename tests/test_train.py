@@ -155,7 +155,7 @@ def test_epoch_metadata_json_repeats_the_epoch_record(tiny_run_dir: Path) -> Non
 
 
 def test_non_finite_loss_stops_the_run_and_the_evidence_says_why(tiny_tokens_dir: Path, tmp_path: Path) -> None:
-    config = _micro_config(lr=float("inf"))
+    config = _micro_config(lr=1e4)
     with pytest.raises(TrainingError, match="training loss became nan"):
         train(config, tiny_tokens_dir, tmp_path / "run", device="cpu", progress=False)
     summary = read_evidence(tmp_path / "run", "training-summary")["summary"]

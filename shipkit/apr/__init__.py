@@ -1,7 +1,7 @@
 """APR v2: the checkpoint container (named tensors + JSON metadata, checksummed, mmap-able).
 
 Spec: docs/apr-format.md. Constants live in `format`, reading and validation in `reader`,
-writing in `writer`, safetensors conversion in `convert`.
+writing (streamed, tensor by tensor) in `writer`, safetensors conversion in `convert`.
 """
 
 from shipkit.apr.reader import (
@@ -9,19 +9,25 @@ from shipkit.apr.reader import (
     AprIndex,
     TensorInfo,
     ValidationReport,
+    checked_tokenizer_name,
     inspect_apr,
     read_apr,
     validate_apr,
 )
-from shipkit.apr.writer import write_apr
+from shipkit.apr.writer import AprWriter, TensorSpec, apr_writer, tensor_chunks, write_apr
 
 __all__ = [
     "AprCheckpoint",
     "AprIndex",
+    "AprWriter",
     "TensorInfo",
+    "TensorSpec",
     "ValidationReport",
+    "apr_writer",
+    "checked_tokenizer_name",
     "inspect_apr",
     "read_apr",
+    "tensor_chunks",
     "validate_apr",
     "write_apr",
 ]

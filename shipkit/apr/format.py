@@ -33,6 +33,7 @@ MAX_INDEX_BYTES = 64 << 20  # ~300k index entries; real checkpoints need < 1 MiB
 MAX_TENSORS = 100_000  # a 24-layer model has 219 weights; resume files a few times that
 MAX_NDIM = 16
 MAX_NAME_CHARS = 1024
+MAX_FILE_NAME_CHARS = 255  # NAME_MAX of Linux and macOS file systems
 
 KINDS = ("weights", "resume")
 
@@ -51,6 +52,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 DTYPE_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+# Model weights are floating point; integer and bool tensors belong in resume files (RNG state).
+WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
+# The float dtypes a checkpoint can be converted to or exported in (`--dtype`), by the names
+# config.json's `torch_dtype` uses.
+CONVERSION_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+# metadata.tokenizer.file when absent: the tokenizer is looked up beside the checkpoint, then in
+# its parent (a run folder keeps it at RUN_DIR/tokenizer.json).
+DEFAULT_TOKENIZER_FILE = "tokenizer.json"
+SHA256_HEX_CHARS = 64
 
 
 def checksum(data: object) -> int:
@@ -85,4 +100,18 @@ def name_problem(name: object) -> str | None:
     for forbidden in ("/", "\\", ".."):
         if forbidden in name:
             return f"contains {forbidden!r}"
+    return None
+
+
+def file_name_problem(name: object) -> str | None:
+    """Why `name` cannot be the name of a file beside a checkpoint, or None if it can: a plain
+    name, never a path, so a lookup cannot leave the checkpoint's folder."""
+    why = name_problem(name)
+    if why:
+        return why
+    assert isinstance(name, str)  # name_problem refuses anything else
+    if name == ".":
+        return "names the folder itself"
+    if len(name) > MAX_FILE_NAME_CHARS:
+        return f"longer than {MAX_FILE_NAME_CHARS} characters"
     return None

@@ -20,7 +20,7 @@ import torch
 
 from shipkit.apr import format as fmt
 from shipkit.errors import InputError, IntegrityError, ShipkitError
-from shipkit.model import ModelConfig
+from shipkit.model import ModelConfig, shown, weight_shapes
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,14 @@ def validate_apr(
 def inspect_apr(path: str | os.PathLike[str]) -> AprIndex:
     """Header, metadata and tensor table without reading the tensor data.
 
-    Raises IntegrityError if the structure is broken (use `validate_apr` to list every defect).
+    Raises IntegrityError if the structure or the metadata is broken (use `validate_apr` to
+    list every defect), so what it returns can be trusted as far as it goes.
     """
     path = Path(path)
     with _mapped(path) as (buffer, size):
         index, problems = _parse(buffer, size, path)
+    if index is not None:
+        problems += _check_metadata(index, None)
     _raise_on(path, problems)
     assert index is not None  # _parse returns an index whenever it reports no problem
     return index
@@ -324,10 +327,10 @@ def _is_count(value: Any) -> bool:
 
 def _entry_problem(entry: dict[str, Any]) -> str | None:
     dtype, shape = entry["dtype"], entry["shape"]
-    if dtype not in fmt.DTYPES:
-        return f"dtype {dtype!r} is not one of {', '.join(fmt.DTYPES)}"
+    if not isinstance(dtype, str) or dtype not in fmt.DTYPES:
+        return f"dtype {shown(dtype)} is not one of {', '.join(fmt.DTYPES)}"
     if not isinstance(shape, list) or len(shape) > fmt.MAX_NDIM or not all(map(_is_count, shape)):
-        return f"shape {shape!r} must be a list of at most {fmt.MAX_NDIM} non-negative integers"
+        return f"shape {shown(shape)} must be a list of at most {fmt.MAX_NDIM} non-negative integers"
     if not _is_count(entry["offset"]) or not _is_count(entry["nbytes"]):
         return "offset and nbytes must be non-negative integers"
     numel = 1
@@ -338,7 +341,7 @@ def _entry_problem(entry: dict[str, Any]) -> str | None:
         return f"nbytes {entry['nbytes']} != {dtype} x {shape} = {expected} bytes"
     digest = entry["xxh3"]
     if not isinstance(digest, str) or len(digest) != 16 or digest.strip("0123456789abcdef"):
-        return f"xxh3 {digest!r} is not 16 lowercase hex digits"
+        return f"xxh3 {shown(digest)} is not 16 lowercase hex digits"
     return None
 
 
@@ -365,24 +368,97 @@ def _check_data(buffer: Any, size: int, index: AprIndex) -> list[str]:
 
 
 def _check_metadata(index: AprIndex, expect_tensors: int | None) -> list[str]:
+    """What the metadata claims, checked against itself and the tensor table, so that no later
+    stage divides by, allocates for, or opens a path from a lie that the checksums cover."""
     problems = []
-    count = len(index.tensors)
-    kind = index.metadata.get("kind")
+    metadata = index.metadata
+    kind = metadata.get("kind")
     if kind not in fmt.KINDS:
-        problems.append(f"metadata kind: {kind!r} is not one of {', '.join(fmt.KINDS)}")
-    config = index.metadata.get("config")
+        problems.append(f"metadata kind: {shown(kind)} is not one of {', '.join(fmt.KINDS)}")
+    config, config_problem = _config_of(metadata)
+    if config_problem:
+        problems.append(config_problem)
     if kind == "weights" and config is not None:
-        try:
-            if not isinstance(config, dict):
-                raise InputError("not an object")
-            expected = ModelConfig.from_dict(config).expected_tensor_count()
-        except (ShipkitError, TypeError) as error:
-            problems.append(f"metadata config: invalid ({error})")
-        else:
-            if count != expected:
-                problems.append(
-                    f"tensor count: the config implies {expected} tensors, file has {count}"
-                )
+        problems += _weights_problems(index.tensors, config)
+    problems += [problem for problem in (_tokenizer_problem(metadata), _producer_problem(metadata))
+                 if problem]
+    count = len(index.tensors)
     if expect_tensors is not None and count != expect_tensors:
         problems.append(f"tensor count: expected {expect_tensors} tensors, file has {count}")
     return problems
+
+
+def _config_of(metadata: dict[str, Any]) -> tuple[ModelConfig | None, str | None]:
+    """(the metadata's model config or None if it has none, the reason it does not construct)."""
+    config = metadata.get("config")
+    if config is None:
+        return None, None
+    try:
+        return ModelConfig.from_dict(config), None
+    except ShipkitError as error:
+        return None, f"metadata config: invalid ({error})"
+
+
+def _weights_problems(tensors: list[TensorInfo], config: ModelConfig) -> list[str]:
+    """The tensors are exactly the config's model's weights: names, shapes (from a model on the
+    meta device) and a floating dtype."""
+    expected = weight_shapes(config)
+    if len(tensors) != len(expected):
+        return [f"tensor count: the config implies {len(expected)} tensors, file has {len(tensors)}"]
+    problems = []
+    for info in tensors:
+        if info.name not in expected:
+            problems.append(f"tensor {info.name}: not a weight of the config's {config.architecture} model")
+        elif info.shape != expected[info.name]:
+            problems.append(f"tensor {info.name}: shape {list(info.shape)}, the config implies "
+                            f"{list(expected[info.name])}")
+        elif info.dtype not in fmt.WEIGHT_DTYPES:
+            problems.append(f"tensor {info.name}: dtype {info.dtype} is not a weight dtype "
+                            f"({', '.join(fmt.WEIGHT_DTYPES)})")
+    return problems
+
+
+NOT_RECORDED = (None, "")  # a tokenizer sha256 left out (readers then skip the comparison)
+
+
+def _tokenizer_problem(metadata: dict[str, Any]) -> str | None:
+    recorded = metadata.get("tokenizer")
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        return f"metadata tokenizer: expected an object, got {shown(recorded)}"
+    name = recorded.get("file", fmt.DEFAULT_TOKENIZER_FILE)
+    why = fmt.file_name_problem(name)
+    if why:
+        return (f"metadata tokenizer.file: {shown(name)} {why} (a plain file name, looked up "
+                "beside the checkpoint and in its parent)")
+    digest = recorded.get("sha256")
+    if digest not in NOT_RECORDED and not (isinstance(digest, str) and len(digest) == fmt.SHA256_HEX_CHARS
+                                           and not digest.strip("0123456789abcdef")):
+        return f"metadata tokenizer.sha256: {shown(digest)} is not {fmt.SHA256_HEX_CHARS} lowercase hex digits"
+    pre = recorded.get("pre")  # llama.cpp's pre-tokenizer name, recorded by import
+    if pre is not None and not isinstance(pre, str):
+        return f"metadata tokenizer.pre: expected a name, got {shown(pre)}"
+    return None
+
+
+def _producer_problem(metadata: dict[str, Any]) -> str | None:
+    producer = metadata.get("producer")
+    if producer is None:
+        return None
+    if not isinstance(producer, dict):
+        return f"metadata producer: expected an object, got {shown(producer)}"
+    # An import records its upstream as an object, `shipkit convert` the source file's name.
+    if not isinstance(producer.get("source", {}), (dict, str)):
+        return f"metadata producer.source: expected an object or a name, got {shown(producer['source'])}"
+    return None
+
+
+def checked_tokenizer_name(metadata: dict[str, Any]) -> str:
+    """The tokenizer file name a checkpoint's metadata records (`tokenizer.json` if none): a
+    plain file name, to be looked up beside the checkpoint and in its parent only. Raises
+    IntegrityError for a path (`/`, `..`) or a malformed `tokenizer` entry."""
+    problem = _tokenizer_problem(metadata)
+    if problem:
+        raise IntegrityError(problem)
+    return (metadata.get("tokenizer") or {}).get("file", fmt.DEFAULT_TOKENIZER_FILE)

@@ -9,6 +9,7 @@ import click
 from shipkit.audit import AUDIT_NAME, AuditConfig, audit_tokens
 from shipkit.commands.common import emit, json_option
 from shipkit.errors import IntegrityError
+from shipkit.fsutil import check_file_target
 
 
 @click.command()
@@ -20,6 +21,8 @@ from shipkit.errors import IntegrityError
 @json_option
 def audit(tokens_dir: Path, window: int, out: Path | None, as_json: bool) -> None:
     """Leakage audit of TOKENS_DIR; exit 1 if any val document is also in train."""
+    if out is not None:
+        check_file_target(out, "--out")
     report = audit_tokens(tokens_dir, AuditConfig(window=window), out)
     emit(report, as_json, _render)
     if report["val_docs_in_train"]:

@@ -9,6 +9,7 @@ import click
 
 from shipkit.apr import AprIndex, ValidationReport, inspect_apr, validate_apr
 from shipkit.apr.convert import convert_checkpoint
+from shipkit.apr.format import CONVERSION_DTYPES
 from shipkit.commands.common import emit, json_option
 from shipkit.errors import IntegrityError
 
@@ -25,7 +26,9 @@ def validate(file: Path, expect_tensors: int | None, as_json: bool) -> None:
     report = validate_apr(file, expect_tensors=expect_tensors)
     emit(report.to_dict(), as_json, lambda _: _render_report(report))
     if not report.ok:
-        raise IntegrityError(f"{file.name}: {len(report.problems)} problem(s), checksum INVALID")
+        more = len(report.problems) - 1
+        raise IntegrityError(f"{file.name}: INVALID: {report.problems[0]}"
+                             + (f" (and {more} more problem(s), listed above)" if more else ""))
 
 
 def _render_report(report: ValidationReport) -> str:
@@ -75,9 +78,12 @@ def _render_index(index: AprIndex) -> str:
 @click.argument("destination", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="JSON ModelConfig to store in the APR metadata (safetensors has none).")
-def convert(source: Path, destination: Path, config_path: Path | None) -> None:
-    """Convert between safetensors and APR, by file extension (.safetensors / .apr)."""
-    count = convert_checkpoint(source, destination, config_path=config_path)
+@click.option("--dtype", type=click.Choice(list(CONVERSION_DTYPES)), default=None,
+              help="Store every floating-point tensor in this dtype [default: each keeps its own].")
+def convert(source: Path, destination: Path, config_path: Path | None, dtype: str | None) -> None:
+    """Convert between safetensors and APR, by file extension (.safetensors / .apr), tensor by tensor."""
+    count = convert_checkpoint(source, destination, config_path=config_path,
+                               dtype=None if dtype is None else CONVERSION_DTYPES[dtype])
     click.echo(f"{source.name} -> {destination.name}: {count} tensors")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from shipkit.commands.common import emit, json_option
-from shipkit.corpus import TEXT_COLUMNS, CorpusConfig, build_corpus
+from shipkit.corpus import TEXT_COLUMNS, CorpusConfig, build_corpus, skipped_summary
 
 MIB = 1 << 20
 
@@ -48,7 +48,8 @@ def _render(manifest: dict, out_dir: Path) -> str:
         f"{out_dir}: train {splits['train']['docs']} docs / {splits['train']['bytes'] / MIB:.1f} MiB, "
         f"val {splits['val']['docs']} docs / {splits['val']['bytes'] / MIB:.1f} MiB; "
         f"{manifest['duplicates_removed']} duplicates removed, {manifest['empty_dropped']} empty dropped, "
-        f"{manifest['undecodable']['bytes']} undecodable bytes replaced in {manifest['undecodable']['docs']} docs"
+        f"{manifest['undecodable']['bytes']} undecodable bytes replaced in {manifest['undecodable']['docs']} docs, "
+        f"{skipped_summary(manifest['skipped'])}"
     )
 
 

@@ -9,6 +9,7 @@ import click
 
 from shipkit.commands.common import emit, json_option
 from shipkit.errors import GateFailed
+from shipkit.fsutil import check_folder_target
 from shipkit.parity import LLAMA_CPP, TORCH, ParityOptions, run_parity
 from shipkit.tokenizer_fidelity import DEFAULT_TOKEN_BUDGET
 
@@ -43,6 +44,8 @@ def parity(base: Path, quant: Path, tokens_dir: Path, n_tokens: int, ctx: int, c
            engine: str, device: str, threads: int, tokenizer_tokens: int, run_dir: Path | None,
            as_json: bool) -> None:
     """Gate QUANT.gguf against BASE (.apr or F32/F16 .gguf) on held-out tokens and text; exit 1 on FAIL."""
+    if run_dir is not None:
+        check_folder_target(run_dir, "--run-dir")
     options = ParityOptions(base=base, quant=quant, tokens_dir=tokens_dir, n_tokens=n_tokens, ctx=ctx,
                             engines=ENGINE_CHOICES[engine], device=device, threads=threads,
                             contract=contract, run_dir=run_dir, tokenizer_tokens=tokenizer_tokens)

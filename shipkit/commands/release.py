@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from shipkit.apr.format import CONVERSION_DTYPES
 from shipkit.commands.common import emit, json_option
 
 if TYPE_CHECKING:
@@ -15,30 +16,33 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--hf", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--hf", "out_dir", required=True, type=click.Path(path_type=Path),
               help="The Hugging Face folder to write (config, safetensors, tokenizer files).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="tokenizer.json (default: the one the checkpoint names, beside it or one folder up).")
 @click.option("--max-shard-bytes", type=click.IntRange(min=1), default=None,
               help="Split model.safetensors into shards of at most this many bytes (default 5e9).")
+@click.option("--dtype", type=click.Choice(list(CONVERSION_DTYPES)), default=None,
+              help="The weights' dtype in the export [default: the checkpoint's own].")
 @json_option
 def export(checkpoint: Path, out_dir: Path, tokenizer_path: Path | None, max_shard_bytes: int | None,
-           as_json: bool) -> None:
-    """Export an APR checkpoint as a Hugging Face transformers folder."""
+           dtype: str | None, as_json: bool) -> None:
+    """Export an APR checkpoint as a Hugging Face transformers folder, streamed tensor by tensor."""
     from shipkit.export import DEFAULT_MAX_SHARD_BYTES, export_hf
 
     report = export_hf(checkpoint, out_dir, tokenizer_path=tokenizer_path,
-                       max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+                       max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                       dtype=None if dtype is None else CONVERSION_DTYPES[dtype])
     result = {"out_dir": str(report.out_dir), "files": report.files, "shards": report.shards,
-              "tensors": report.tensor_count, "tensor_bytes": report.total_bytes}
+              "tensors": report.tensor_count, "tensor_bytes": report.total_bytes, "dtype": report.dtype}
     emit(result, as_json, lambda r: (
-        f"{r['out_dir']}: {r['tensors']} tensors in {r['shards']} safetensors file(s), "
+        f"{r['out_dir']}: {r['tensors']} {r['dtype']} tensors in {r['shards']} safetensors file(s), "
         f"{len(r['files'])} files"
     ))
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--repo", "repo_id", default=None,
               help="ORG/NAME of the safetensors repo the card is for (default: shipkit-local/RUN_DIR name).")
 @click.option("--gguf-repo", "gguf_repo_id", default=None, help="ORG/NAME of the GGUF repo (default: REPO-GGUF).")
@@ -52,8 +56,10 @@ def card(run_dir: Path, repo_id: str | None, gguf_repo_id: str | None, license_:
          datasets: tuple[str, ...], checkpoint: Path | None, as_json: bool) -> None:
     """Render the model cards (and loss plot) of RUN_DIR's release from its evidence."""
     from shipkit.card import render_card
+    from shipkit.fsutil import check_folder_target
     from shipkit.release import DEFAULT_CHECKPOINT
 
+    check_folder_target(run_dir, "RUN_DIR")
     report = render_card(run_dir, repo_id=repo_id, gguf_repo_id=gguf_repo_id, license=license_, datasets=datasets,
                          checkpoint=checkpoint or DEFAULT_CHECKPOINT)
     result = {"cards": {role: str(path) for role, path in report.cards.items()},

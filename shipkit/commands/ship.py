@@ -11,9 +11,9 @@ from shipkit.commands.common import emit, json_option
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="A ship TOML (examples/ship.toml). Default: the embedded tiny release on the stdlib corpus.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: ship-out, or the config's [ship] out).")
 @click.option("--repo", default=None, help="Push the default model to ORG/NAME (with a token); else a dry run.")
 @click.option("--gguf-repo", default=None, help="The GGUF repo of the default model (default: REPO-GGUF).")

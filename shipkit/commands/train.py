@@ -11,6 +11,7 @@ import click
 from shipkit.commands.common import emit, json_option
 from shipkit.compare import compare_runs, render_comparison
 from shipkit.errors import InputError
+from shipkit.fsutil import check_folder_target
 from shipkit.presets import PRESETS, apply_overrides, get_preset, parse_set_options
 from shipkit.train import resume, train
 
@@ -20,13 +21,15 @@ DEFAULT_PRESET = "tiny"
 def _render_summary(evidence: dict[str, Any]) -> str:
     summary = evidence["summary"]
     best = summary["best_checkpoint"]
+    verdict = summary["memorization"]
+    turn = f", turned at epoch {verdict['turn_epoch']}" if verdict["turn_epoch"] else ""
     lines = [
         f"run {evidence['run_id']}: {summary['epochs_completed']} epochs, "
         f"{summary['steps_completed']} steps, {summary['stop_reason']}",
+        *([summary["stop_message"]] if summary["stop_message"] else []),
         f"final val loss {summary['final_val_loss']:.4f}, best {summary['best_val_loss']:.4f} "
         f"(epoch {summary['best_epoch']}, {best['path']})",
-        f"convergence: {summary['convergence']}; memorization: "
-        f"{summary['memorization']['verdict']} ({summary['memorization']['reason']})",
+        f"convergence: {summary['convergence']}; verdict: {verdict['verdict']}{turn} ({verdict['reason']})",
     ]
     lines += [f"prediction {p['expr']}: {p['verdict']} (observed {p['observed']})" for p in evidence["predictions"]]
     return "\n".join(lines)
@@ -41,6 +44,9 @@ def _render_summary(evidence: dict[str, Any]) -> str:
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per sequence.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation and the data order.")
+@click.option("--early-stop-patience", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Stop after N epochs without a new best val loss (0: never; the preset's "
+                   "early_stop_patience by default).")
 @click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Override any config field, e.g. --set hidden_size=256 (repeatable).")
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), help="RUN_DIR to create.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None, help="Continue this RUN_DIR from its last saved epoch.")
@@ -60,6 +66,7 @@ def train_command(
     seq_len: int | None,
     lr: float | None,
     seed: int | None,
+    early_stop_patience: int | None,
     set_items: tuple[str, ...],
     run_dir: Path | None,
     resume_dir: Path | None,
@@ -82,9 +89,13 @@ def train_command(
         "seq_len": seq_len,
         "lr": lr,
         "seed": seed,
+        "early_stop_patience": early_stop_patience,
     }
     overrides: dict[str, Any] = parse_set_options(set_items)
     overrides.update({key: value for key, value in explicit.items() if value is not None})
+    for option, folder in (("--out", run_dir), ("--resume", resume_dir)):
+        if folder is not None:
+            check_folder_target(folder, option)
     if resume_dir is not None:
         changed = sorted(set(overrides) - {"num_steps"})
         if predictions:

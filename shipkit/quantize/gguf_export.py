@@ -1,10 +1,22 @@
-"""Write a GGUF v3 file from an APR weights checkpoint and its tokenizer.json (and companions)."""
+"""Write a GGUF v3 file from an APR weights checkpoint and its tokenizer.json (and companions).
+
+The file is streamed: every tensor's GGUF name, type and size follow from the checkpoint's index
+alone, so the header and tensor table are written first, then each tensor is read from the
+memory-mapped checkpoint in its own dtype (bf16 stays bf16 until the quantizer converts it a chunk
+at a time), encoded and written before the next is read. At most one tensor's values and its
+encoding are held, whatever the model's size.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import math
 import os
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +27,18 @@ import torch
 
 from shipkit.apr import read_apr
 from shipkit.errors import InputError, IntegrityError
-from shipkit.fsutil import sha256_file
+from shipkit.fsutil import (
+    check_file_target,
+    check_folder_target,
+    fsync_file,
+    remove_stale_temps,
+    reporting_full_disk,
+    sha256_file,
+    temp_path,
+)
 from shipkit.model import ModelConfig, parameter_count
 from shipkit.quantize import kquants, mix
-from shipkit.quantize.formats import QType
+from shipkit.quantize.formats import BLOCK_LAYOUTS, QType
 from shipkit.quantize.gguf_source import add_source_metadata
 from shipkit.quantize.gguf_tokenizer import add_tokenizer, read_tokenizer
 from shipkit.quantize.tensor_names import (
@@ -36,6 +56,10 @@ from shipkit.tokenizer_contract import read_contract
 TOKENIZER_FILE = "tokenizer.json"
 GGUF_SUFFIX = ".gguf"
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Values checked for NaN/Inf per pass: a float32 copy of this many stays small next to a tensor.
+FINITE_CHECK_CHUNK = 1 << 24
+# (GGUF name, values in llama.cpp's layout, GGML type): one tensor ready to encode.
+PlannedTensor = tuple[str, torch.Tensor, QType]
 
 
 @dataclass
@@ -73,14 +97,18 @@ def find_tokenizer(ckpt_path: Path, tokenizer_path: str | os.PathLike[str] | Non
                      "(pass --tokenizer PATH)")
 
 
-def _float32(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _checked_values(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as it is (no float32 copy of a bf16 tensor: the quantizer converts a chunk at a
+    time), after checking its dtype and that every value is finite, a chunk at a time."""
     if tensor.dtype not in FLOAT_DTYPES:
         raise InputError(f"tensor {name}: dtype {tensor.dtype} is not supported "
                          "(use float64/32/16 or bfloat16)")
-    values = tensor.to(torch.float32).contiguous()
-    if not np.isfinite(values.numpy()).all():  # numpy: one thread, no contention with torch's pool
-        raise IntegrityError(f"tensor {name} has NaN or Inf values; refusing to export it")
-    return values
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
+        chunk = flat[start:start + FINITE_CHECK_CHUNK].to(torch.float32)
+        if not np.isfinite(chunk.numpy()).all():  # numpy: one thread, no contention with torch's pool
+            raise IntegrityError(f"tensor {name} has NaN or Inf values; refusing to export it")
+    return tensor
 
 
 def _float_payload(values: torch.Tensor, qtype: QType) -> np.ndarray:
@@ -105,10 +133,14 @@ def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[st
     be) to hold `<BaseName>-<SizeLabel>-<Type>.gguf`. The tokenizer keys come from the
     tokenizer's contract (shipkit.tokenizer_contract); `pre` names llama.cpp's pre-tokenizer
     instead of the detected one (an expert's override).
-    Raises InputError for a missing/unsupported input, IntegrityError for NaN/Inf weights.
+    Raises InputError for a missing/unsupported input or an `out_path` of the wrong kind (a
+    file where a folder is meant, or the reverse), IntegrityError for NaN/Inf weights or a
+    full disk.
     """
     started = time.perf_counter()
     spec = mix.file_type(qtype)
+    out_path = Path(out_path)
+    _check_out_path(out_path)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available (use --device cpu)")
     ckpt_path = Path(ckpt_path)
@@ -121,45 +153,85 @@ def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[st
                              model_config=config.to_dict())
     tokenizer = read_tokenizer(tokenizer_file, config.vocab_size)
     base_name = base_name or _default_base_name(ckpt_path)
-    out_path = Path(out_path)
-    if out_path.is_dir() or out_path.suffix.lower() != GGUF_SUFFIX:
+    if _names_a_folder(out_path):
         out_path = out_path / default_file_name(base_name, config, spec.name)
+        check_file_target(out_path, "--out")
 
     writer = gguf.GGUFWriter(None, gguf_architecture(config))
     _add_metadata(writer, config, spec, base_name)
     add_tokenizer(writer, tokenizer, contract, architecture=config.architecture)
     add_source_metadata(writer, checkpoint.metadata.get("producer", {}).get("source") or {})
-    plan = [*derived_tensors(config),
-            *(plan_tensor(name, tensor, config, spec) for name, tensor in checkpoint.tensors.items())]
-    payloads = encode_tensors(plan, device)
-    for (target, values, ggml_type), payload in zip(plan, payloads):
-        raw_dtype = ggml_type if ggml_type not in (QType.F32, QType.F16) else None
-        writer.add_tensor(target, payload, raw_dtype=raw_dtype)
-    counts = Counter(ggml_type.name for _, _, ggml_type in plan)
-    weights = sum(values.numel() for _, values, _ in plan)
-    _write_atomically(writer, out_path)
+    derived = derived_tensors(config)
+    table = [*((target, tuple(values.shape), ggml_type) for target, values, ggml_type in derived),
+             *(tensor_entry(name, tuple(tensor.shape), config, spec) for name, tensor in checkpoint.tensors.items())]
+    tensor_bytes = sum(_add_tensor_info(writer, *entry) for entry in table)
+
+    def planned() -> Iterator[PlannedTensor]:
+        yield from derived
+        for name, tensor in checkpoint.tensors.items():
+            yield plan_tensor(name, tensor, config, spec)
+
+    _write_atomically(writer, out_path, planned(), device, tensor_bytes)
+    counts = Counter(ggml_type.name for _, _, ggml_type in table)
     return GgufExport(path=out_path, file_type=spec.name, architecture=config.architecture,
-                      tensor_count=sum(counts.values()), weights=weights,
+                      tensor_count=len(table), weights=sum(math.prod(shape) for _, shape, _ in table),
                       nbytes=out_path.stat().st_size, seconds=time.perf_counter() - started,
                       tensor_types=dict(sorted(counts.items())))
 
 
-def plan_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, spec: mix.FileType
-                    ) -> tuple[str, torch.Tensor, QType]:
-    """(GGUF name, float32 values in llama.cpp's layout, GGML type) of one checkpoint tensor."""
+def _add_tensor_info(writer: gguf.GGUFWriter, target: str, shape: tuple[int, ...], ggml_type: QType) -> int:
+    """Declare one tensor in the writer's table (before any data is written); returns its bytes.
+    Quantized tensors are declared by their bytes per row, as gguf-py's add_tensor does."""
+    if ggml_type in (QType.F32, QType.F16):
+        dtype = np.float32 if ggml_type == QType.F32 else np.float16
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(target, shape, np.dtype(dtype), nbytes)
+        return nbytes
+    layout = BLOCK_LAYOUTS[ggml_type]
+    row_bytes = shape[-1] // layout.weights * layout.nbytes
+    nbytes = math.prod(shape[:-1]) * row_bytes
+    writer.add_tensor_info(target, (*shape[:-1], row_bytes), np.dtype(np.uint8), nbytes, raw_dtype=ggml_type)
+    return nbytes
+
+
+def _names_a_folder(out_path: Path) -> bool:
+    return out_path.is_dir() or out_path.suffix.lower() != GGUF_SUFFIX
+
+
+def _check_out_path(out_path: Path) -> None:
+    """Refuse, before any work, an `out_path` that cannot be written as what it names."""
+    if not _names_a_folder(out_path):
+        check_file_target(out_path, "--out")
+    elif os.path.lexists(out_path) and not out_path.is_dir():
+        raise InputError(f"--out {out_path}: is a file without the {GGUF_SUFFIX} suffix; "
+                         f"give a {GGUF_SUFFIX} path or a folder")
+    else:
+        check_folder_target(out_path, "--out")
+
+
+def tensor_entry(name: str, shape: tuple[int, ...], config: ModelConfig, spec: mix.FileType
+                 ) -> tuple[str, tuple[int, ...], QType]:
+    """(GGUF name, shape, GGML type) of a checkpoint tensor, from its name and shape alone."""
     target = gguf_name(name)
     if target is None:
         raise InputError(f"tensor {name}: no GGUF equivalent for architecture {config.architecture}")
-    values = _float32(name, tensor)
+    ggml_type = mix.tensor_type(target, shape, spec, n_layers=config.num_hidden_layers,
+                                tied=config.tie_word_embeddings)
+    return target, shape, ggml_type
+
+
+def plan_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, spec: mix.FileType) -> PlannedTensor:
+    """(GGUF name, values in llama.cpp's layout and the checkpoint's dtype, GGML type) of one
+    checkpoint tensor."""
+    target, shape, ggml_type = tensor_entry(name, tuple(tensor.shape), config, spec)
+    values = _checked_values(name, tensor)
     heads = rope_heads(name, config)
     if heads is not None:
         values = to_interleaved(values, heads)
-    ggml_type = mix.tensor_type(target, tuple(values.shape), spec, n_layers=config.num_hidden_layers,
-                                tied=config.tie_word_embeddings)
     return target, values, ggml_type
 
 
-def derived_tensors(config: ModelConfig) -> list[tuple[str, torch.Tensor, QType]]:
+def derived_tensors(config: ModelConfig) -> list[PlannedTensor]:
     """Tensors llama.cpp needs that the checkpoint does not hold, first in the file as llama.cpp's
     converter writes them: rope_freqs.weight (F32) for llama3 RoPE."""
     if config.rope_scaling is None:
@@ -168,7 +240,7 @@ def derived_tensors(config: ModelConfig) -> list[tuple[str, torch.Tensor, QType]
     return [(ROPE_FREQS, factors, QType.F32)]
 
 
-def encode_tensors(plan: list[tuple[str, torch.Tensor, QType]], device: str) -> list[np.ndarray]:
+def encode_tensors(plan: list[PlannedTensor], device: str) -> list[np.ndarray]:
     """Payloads in plan order; the quantized tensors of each type in one `quantize_many`."""
     payloads: list[np.ndarray | None] = [None] * len(plan)
     by_type: dict[QType, list[int]] = {}
@@ -235,16 +307,37 @@ def _add_typed(writer: gguf.GGUFWriter, key: str, value: str | int | float) -> N
         writer.add_float64(key, value)
 
 
-def _write_atomically(writer: gguf.GGUFWriter, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write_tensor(writer: gguf.GGUFWriter, payload: np.ndarray, directory: Path) -> None:
     try:
-        writer.write_header_to_file(path=temporary)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(temporary, path)
-    except BaseException:
-        writer.close()
-        temporary.unlink(missing_ok=True)
+        writer.write_tensor_data(payload)
+    except OSError as error:
+        # numpy's tofile reports a short write without its errno; on a disk without room it is ENOSPC
+        if error.errno is None and shutil.disk_usage(directory).free < payload.nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from error
         raise
+
+
+def _write_atomically(writer: gguf.GGUFWriter, path: Path, tensors: Iterable[PlannedTensor], device: str,
+                      tensor_bytes: int) -> None:
+    """Write through `.NAME.PID.tmp` beside `path`, encoding and writing `tensors` one at a time
+    after the header and tensor table, then fsync it and rename it over `path`: a failed or
+    killed write leaves any previous `path` whole, and the next write of `path` removes a killed
+    writer's temp file. A full disk is one IntegrityError line."""
+    temporary = temp_path(path)
+    with reporting_full_disk(path.parent, f"the tensor data of {path.name}", tensor_bytes):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        try:
+            writer.write_header_to_file(path=temporary)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for entry in tensors:
+                _write_tensor(writer, encode_tensors([entry], device)[0], path.parent)
+            writer.close()
+            fsync_file(temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                writer.close()
+            temporary.unlink(missing_ok=True)
+            raise
