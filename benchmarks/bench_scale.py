@@ -182,7 +182,7 @@ def prepare_tokens(work: Path, tokenizer: Path) -> Path:
     for args in (["corpus", "build", str(stdlib / "json"), "--out", "corpus", "--val-fraction", "0.5"],
                  ["tokenize", "encode", "corpus", "--out", "tokens", "--tokenizer", str(tokenizer)]):
         result = subprocess.run([sys.executable, "-m", "shipkit", *args], cwd=work, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         if result.returncode:
             raise SystemExit(f"shipkit {' '.join(args)} failed: {result.stderr.strip()}")
     return work / "tokens"
@@ -262,8 +262,10 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", choices=list(SHAPES), help="repeatable [default: 0.5B]")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, in order [default: all: {','.join(STAGES)}]")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"), help="scratch folder (one sub-folder per shape)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated, in order [default: all: {','.join(STAGES)}]")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-scale"),
+                        help="scratch folder (one sub-folder per shape)")
     parser.add_argument("--cleanup", action="store_true", help="delete each output once no later stage reads it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)

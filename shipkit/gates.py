@@ -44,7 +44,7 @@ IMPORTED = "imported model: not trained here"
 # Per training-summary verdict: what it makes of the gate.
 CONVERGENCE_STATUS = {"converging": DISCHARGED, "plateaued": DISCHARGED, "insufficient-epochs": PARTIAL,
                       "worsening": FAILED, "diverged": FAILED}
-MEMORIZATION_STATUS = {"healthy": DISCHARGED, "inconclusive": PARTIAL, "memorization-suspect": FAILED}
+MEMORIZATION_STATUS = {"healthy": DISCHARGED, "overfitting": FAILED, "memorization-suspect": FAILED}
 TRAIN_GATES = ("train.completed", "train.val_loss_decreasing", "train.convergence", "train.memorization",
                "train.wraps")
 
@@ -147,14 +147,31 @@ def train_gates(view: RunView) -> list[Gate]:
     convergence = summary["convergence"]
     gates.append(Gate("train.convergence", "TRAIN", CONVERGENCE_STATUS[convergence],
                       f"last two val losses: {convergence}", [ref(TRAINING, "summary.convergence", convergence)]))
-    memorization = summary["memorization"]
-    gates.append(Gate("train.memorization", "TRAIN", MEMORIZATION_STATUS[memorization["verdict"]],
-                      memorization["reason"],
-                      [ref(TRAINING, "summary.memorization.verdict", memorization["verdict"])]))
+    gates.append(_training_regime(summary["memorization"], view))
     gates.append(_wraps(epochs, view.contract.train.thresholds.get("wraps")))
     for metric, threshold in thresholds.items():
         gates.append(_train_threshold(metric, threshold, training))
     return gates
+
+
+def _training_regime(regime: dict[str, Any], view: RunView) -> Gate:
+    """`healthy` passes; `overfitting` and `memorization-suspect` fail unless the released
+    checkpoint is the best-val epoch from before a turn (then PARTIAL, saying so; a memorization
+    signature has no turn: its best val loss is the artifact); the regimes that cannot judge yet
+    (`too-early`, `split-shift`) are PARTIAL with their reason."""
+    verdict = regime["verdict"]
+    evidence = [ref(TRAINING, "summary.memorization.verdict", verdict),
+                ref(TRAINING, "summary.memorization.best_epoch", regime.get("best_epoch"))]
+    status = MEMORIZATION_STATUS.get(verdict, PARTIAL)
+    detail = f"{verdict}: {regime['reason']}"
+    if status == FAILED:
+        released = ((view.metadata or {}).get("producer") or {}).get("epoch")
+        turn = regime.get("turn_epoch")
+        evidence.append(ref(view.checkpoint, "metadata.producer.epoch", released))
+        if released is not None and released == regime.get("best_epoch") and turn is not None and released < turn:
+            status = PARTIAL
+            detail += f"; the released checkpoint is epoch {released}, the best val epoch before the turn"
+    return Gate("train.memorization", "TRAIN", status, detail, evidence)
 
 
 def _completed(summary: dict[str, Any]) -> Gate:

@@ -247,7 +247,8 @@ def _weight_plan(hf_dir: Path, config: ModelConfig, dtype: torch.dtype | None) -
             held.add(spec.name)
             if weight_map is not None:
                 _check_mapped(hf_dir, weight_map, spec.name, shard)
-            if spec.name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and spec.name == "lm_head.weight"):
+            tied_head = config.tie_word_embeddings and spec.name == "lm_head.weight"
+            if spec.name.endswith("rotary_emb.inv_freq") or tied_head:
                 continue
             stored = spec if dtype is None else TensorSpec(spec.name, DTYPE_NAMES[dtype], spec.shape)
             plan.append((shard, spec, stored))

@@ -56,9 +56,18 @@ from shipkit.model import (
 from shipkit.quantize.dequant import dequantize
 from shipkit.quantize.formats import QType
 from shipkit.quantize.gguf_load import _check_rope_freqs, _config, open_gguf
-from shipkit.quantize.tensor_names import ROPE_FREQS, from_interleaved, hf_name, rope_heads
+from shipkit.quantize.tensor_names import (
+    ROPE_FREQS,
+    from_interleaved,
+    hf_name,
+    rope_heads,
+)
 from shipkit.tokenize import read_tokens
-from shipkit.tokenizer_fidelity import DEFAULT_TOKEN_BUDGET, check_tokenizer, skipped_section
+from shipkit.tokenizer_fidelity import (
+    DEFAULT_TOKEN_BUDGET,
+    check_tokenizer,
+    skipped_section,
+)
 
 SCHEMA_VERSION = 1
 PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
@@ -67,7 +76,7 @@ CPU = torch.device("cpu")
 # Bytes of float32 logits one model's head computes per pass (both models' at once); the metrics'
 # float64 softmax temporaries take about 8x this, so on the CPU a 1.5B model's parity stays
 # under 2.5 GiB.
-LOGIT_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
+LOGIT_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
 # Bytes of one layer's intermediate activations (q/k/v, attention, the MLP's gate and up) per pass
 # over a chunk of windows; the residual streams of every window are held whole beside them.
 ACTIVATION_BUDGET_BYTES = {"cuda": 8 << 30, "cpu": 256 << 20}
@@ -76,8 +85,13 @@ ACTIVATION_BUDGET_BYTES = {"cuda": 8 << 30, "cpu": 256 << 20}
 DEQUANT_BLOCK_VALUES = 1 << 18
 # Values compared per block in float64 (32 MiB a copy): small next to one layer of a 7B model.
 COMPARE_BLOCK_VALUES = 1 << 22
-# Values of a head read per block where it is not kept whole (64 MiB as float32).
-HEAD_BLOCK_VALUES = 1 << 24
+# mallopt's parameter (glibc malloc.h) and the size from which every block is its own mapping:
+# 1 MiB, far below the engine's tensors and far above Python's small objects.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+# Values of a head (or an untied embedding) read per block where it is not kept whole (16 MiB as
+# float32): a block per pass keeps a 1.5B model's CPU parity under 2.5 GiB.
+HEAD_BLOCK_VALUES = 1 << 22
 # Windows the torch engine re-runs on the base GGUF to tell which side of a failed engine
 # agreement is wrong; a handful suffices, a conversion bug shows on every window.
 SIDE_PROBE_WINDOWS = 4
@@ -612,6 +626,7 @@ class TorchEngine:
     Every tensor's rel_rmse is measured while its layer is loaded (`tensor_errors`)."""
 
     def __init__(self, base: LoadedModel, quant: LoadedModel, device: torch.device) -> None:
+        _map_large_blocks()
         self.device = device
         self.models = [StreamedModel(base, device), StreamedModel(quant, device)]
         self.result = EngineResult(TORCH, str(device))
@@ -652,6 +667,16 @@ class TorchEngine:
             if keep_base_logits:
                 kept.append(base_logits.cpu())
         return torch.cat(kept) if keep_base_logits else None
+
+
+def _map_large_blocks() -> None:
+    """Make glibc give every block of `MMAP_THRESHOLD_BYTES` or more its own mapping, returned to
+    the system when freed. Its default threshold rises with each large block freed, after which
+    such blocks stay in the heap: the engine's phases (layers, then heads, then metrics) would add
+    up in memory instead of each replacing the last. A no-op off glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def _outer_errors(models: list[StreamedModel], heads: list[StreamedHead]) -> dict[str, float]:

@@ -507,9 +507,11 @@ class ModelShipper:
             config = apply_overrides(get_preset(self.spec.preset), self.spec.overrides)
             evidence = train(config, self.tokens_dir, self.run_dir, device=self.spec.device,
                              compile_model=self.spec.compile, predictions=self.spec.predict)
-        summary = evidence["summary"]
-        return (f"{summary['epochs_completed']} epochs, best val loss {summary['best_val_loss']:.4f} "
-                f"(epoch {summary['best_epoch']}), memorization {summary['memorization']['verdict']}")
+        summary, verdict = evidence["summary"], evidence["summary"]["memorization"]
+        early = " (stopped early)" if summary["stop_reason"] == "early_stop" else ""
+        turn = f", turned at epoch {verdict['turn_epoch']}" if verdict["turn_epoch"] else ""
+        return (f"{summary['epochs_completed']} epochs{early}, best val loss {summary['best_val_loss']:.4f} "
+                f"(epoch {summary['best_epoch']}), verdict {verdict['verdict']}{turn}")
 
     def _interrupted_training(self) -> bool:
         """A run of this ship that stopped mid-way (its evidence still says "running") and left

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -80,6 +80,11 @@ LOG_EVERY_STEPS = 10  # how often losses are pulled from the device (each pull i
 # while the model improves, its val loss is measured at the epoch's end.
 FIRST_PASS_WRAPS = 1.0  # until the stream wraps, every window is new: the train loss is held-out
 EPOCH_MEAN_LAG = 0.5  # a convex falling curve's mean lies at most half its fall above its end
+# What a first-pass gap says: windows are new, but other windows of the same train documents may
+# have been trained on, and a model learns a document's own names from them (docs/evidence.md).
+HARDER_VAL = ("the val documents are harder for the model than the train documents (the splits differ, "
+              "or it learned the train documents' own text from their other windows)")
+EASIER_VAL = "the val documents are easier for the model than the train documents: the splits differ"
 EARLY_STOP = "early_stop"  # the stop_reason of a run that ran out of early_stop_patience
 # A train_fraction keeps whole blocks of this many contiguous windows: stretches of real text
 # (2,048 tokens at seq_len 128), and few enough slices even for a billion-token split.
@@ -196,6 +201,16 @@ def val_rise(epochs: list[dict[str, Any]], best: int, rise_epochs: int) -> int |
     return length if length >= rise_epochs else None
 
 
+class Finding(NamedTuple):
+    """A verdict rule that fired: the verdict's name, the rule's id, the sentence with its
+    numbers, and the epoch the run turned (overfitting, memorization-suspect)."""
+
+    verdict: str
+    rule: str
+    reason: str
+    turn_epoch: int | None = None
+
+
 def training_verdict(
     epochs: list[dict[str, Any]],
     *,
@@ -208,103 +223,109 @@ def training_verdict(
     the best-val epoch and (overfitting, memorization-suspect) the epoch the run turned. The
     thresholds are TrainConfig's memorization_threshold, overfitting_gap_growth and
     overfitting_rise_epochs. Rules and precedence: docs/evidence.md."""
-    judged: dict[str, Any] = {
+    numbers: dict[str, Any] = {
         "epoch": len(epochs) or None,
         "gap": epochs[-1]["gap"] if epochs else None,
         "wraps": epochs[-1]["wraps"] if epochs else 0.0,
-        "train_lag": None,
+        "train_lag": train_lag(epochs, len(epochs) - 1) if len(epochs) > 1 else None,
         "first_pass_epoch": None,
         "first_pass_gap": None,
         "gap_growth": None,
         "best_epoch": best_index(epochs) + 1 if epochs else None,
-        "turn_epoch": None,
         "threshold": threshold,
         "overfitting_gap_growth": gap_growth,
         "overfitting_rise_epochs": rise_epochs,
     }
+    if not epochs:
+        finding = Finding("too-early", "no-epoch", "no completed epoch")
+    elif len(epochs) == 1:
+        finding = Finding("too-early", "single-epoch", "one epoch: its mean train loss starts at the "
+                          "untrained model's, so it cannot be compared with val")
+    elif numbers["wraps"] <= FIRST_PASS_WRAPS:
+        numbers.update(first_pass_epoch=len(epochs), first_pass_gap=numbers["gap"])
+        finding = _first_pass_finding(epochs, threshold)
+    else:
+        first = first_pass_index(epochs)
+        if first is not None:
+            numbers.update(first_pass_epoch=first + 1, first_pass_gap=epochs[first]["gap"])
+        first_bounds = gap_bounds(epochs, first) if first is not None else (0.0, 0.0)
+        numbers["gap_growth"] = epochs[-1]["gap"] - max(first_bounds[1], 0.0)
+        finding = _later_pass_finding(epochs, first, first_bounds, threshold, gap_growth, rise_epochs)
+    return {"verdict": finding.verdict, "rule": finding.rule, "reason": finding.reason, **numbers,
+            "turn_epoch": finding.turn_epoch}
 
-    def verdict(name: str, rule: str, reason: str, turn_epoch: int | None = None) -> dict[str, Any]:
-        return {"verdict": name, "rule": rule, "reason": reason, **judged, "turn_epoch": turn_epoch}
 
-    if len(epochs) < 2:
-        reason = "no completed epoch" if not epochs else (
-            "one epoch: its mean train loss starts at the untrained model's, so it cannot be compared with val")
-        return verdict("too-early", "no-epoch" if not epochs else "single-epoch", reason)
-    last = len(epochs) - 1
-    low, high = gap_bounds(epochs, last)
-    wraps = judged["wraps"]
-    judged["train_lag"] = high - low
-    at = f"{wraps:.2f} passes over the train split"
-    if wraps <= FIRST_PASS_WRAPS:
-        judged.update(first_pass_epoch=last + 1, first_pass_gap=low)
-        return _first_pass_verdict(epochs, low, high, threshold, at, verdict)
+def _first_pass_finding(epochs: list[dict[str, Any]], threshold: float) -> Finding:
+    """A run that has not wrapped: nothing was trained on twice, so the train loss is measured on
+    windows not yet trained on, and a gap beyond the threshold is between the splits' documents."""
+    low, high = gap_bounds(epochs, len(epochs) - 1)
+    at = f"{epochs[-1]['wraps']:.2f} passes over the train split"
+    if low > threshold:
+        return Finding("split-shift", "first-pass-val-above",
+                       f"val above train by {low:+.3f} nats within the first pass ({at}), where every "
+                       f"window is new and the mean train loss errs high (threshold {threshold}): {HARDER_VAL}")
+    if high < -threshold:
+        return Finding("split-shift", "first-pass-val-below",
+                       f"val below train by {-high:.3f} nats or more within the first pass ({at}), even "
+                       f"with the mean train loss moved to the epoch's end (threshold {threshold}): {EASIER_VAL}")
+    previous, val_loss = epochs[-2]["val_loss"], epochs[-1]["val_loss"]
+    if val_loss < previous * (1 - CONVERGENCE_TOLERANCE):
+        return Finding("too-early", "first-pass-falling",
+                       f"{at}, under one, and val still falling ({previous:.4f} → {val_loss:.4f}): nothing "
+                       "has been trained on twice, so overfitting and memorization cannot show yet")
+    return Finding("healthy", "first-pass-agree",
+                   f"val − train is {low:+.3f} nats within the first pass ({at}), inside ±{threshold}, and "
+                   "val stopped falling")
 
-    first = first_pass_index(epochs)
-    first_low, first_high = gap_bounds(epochs, first) if first is not None else (0.0, 0.0)
-    if first is not None:
-        judged.update(first_pass_epoch=first + 1, first_pass_gap=first_low)
-    best = judged["best_epoch"] - 1
-    growth = low - max(first_high, 0.0)
-    judged["gap_growth"] = growth
+
+def _later_pass_finding(
+    epochs: list[dict[str, Any]],
+    first: int | None,
+    first_bounds: tuple[float, float],
+    threshold: float,
+    gap_growth: float,
+    rise_epochs: int,
+) -> Finding:
+    """A run past its first pass, judged against its first pass (`first`, the index of the last
+    epoch inside it, and that epoch's gap bounds; (0, 0) without one): first the signature that
+    makes val untrustworthy, then overfitting, then a shift the first pass showed."""
+    low, high = gap_bounds(epochs, len(epochs) - 1)
+    at = f"{epochs[-1]['wraps']:.2f} passes over the train split"
+    first_low, first_high = first_bounds
+    baseline = max(first_high, 0.0)  # the first pass's gap, or 0: the splits' own difference
+    baseline_text = (f"the first pass's {baseline:+.3f} (epoch {first + 1})" if first is not None
+                     else "0 (no epoch after the first ended within the first pass)")
     floor = min(first_low, 0.0) - threshold  # val this far below train was not there in the first pass
-
+    best = best_index(epochs)
     if high < floor:
-        turn = onset(epochs, lambda index: gap_bounds(epochs, index)[1] < floor)
-        return verdict("memorization-suspect", "val-below-train",
+        return Finding("memorization-suspect", "val-below-train",
                        f"val below train by {-high:.3f} nats or more after {at} (threshold {threshold}): "
                        "held-out text scores better than the text trained on, the signature of val text "
-                       "recalled from train", turn)
+                       "recalled from train", onset(epochs, lambda index: gap_bounds(epochs, index)[1] < floor))
     rise = val_rise(epochs, best, rise_epochs)
     if rise is not None:
-        return verdict("overfitting", "val-rose",
+        return Finding("overfitting", "val-rose",
                        f"val turned after its best {epochs[best]['val_loss']:.4f} (epoch {best + 1}): it rose "
                        f"in {rise} consecutive epochs while train fell; at the last epoch val "
                        f"{epochs[-1]['val_loss']:.4f}, train {epochs[-1]['train_loss']:.4f} after {at}", best + 2)
+    growth = low - baseline
     if growth > gap_growth:
-        turn = onset(epochs, lambda index: gap_bounds(epochs, index)[0] - max(first_high, 0.0) > gap_growth)
-        return verdict("overfitting", "gap-grew",
-                       f"val − train grew to {low:+.3f} nats after {at}, {growth:+.3f} beyond the first "
-                       f"pass's (threshold {gap_growth}): the model fits its training text, not the held-out "
-                       "text", turn)
+        return Finding("overfitting", "gap-grew",
+                       f"val − train grew to {low:+.3f} nats after {at}, {growth:+.3f} beyond {baseline_text} "
+                       f"(threshold {gap_growth}): the model learns its training text, not what carries over "
+                       "to held-out text",
+                       onset(epochs, lambda index: gap_bounds(epochs, index)[0] - baseline > gap_growth))
     if first is not None and (first_low > threshold or first_high < -threshold):
         side = "above" if first_low > threshold else "below"
-        return verdict("split-shift", "first-pass-shift",
+        return Finding("split-shift", "first-pass-shift",
                        f"val was {side} train by more than {threshold} nats in the first pass (epoch "
-                       f"{first + 1}, gap {first_low:+.3f}), where every window was new: the splits differ; "
-                       f"since then the gap moved by {growth:+.3f} (threshold {gap_growth})")
-    return verdict("healthy", "agree",
-                   f"after {at} val − train is {low:+.3f} nats: not below the first pass's by more than "
-                   f"{threshold}, grown {growth:+.3f} beyond it (threshold {gap_growth}), and val has not turned")
-
-
-def _first_pass_verdict(
-    epochs: list[dict[str, Any]],
-    low: float,
-    high: float,
-    threshold: float,
-    at: str,
-    verdict: Callable[..., dict[str, Any]],
-) -> dict[str, Any]:
-    """The verdict of a run that has not wrapped: nothing was seen twice, so the train loss is a
-    held-out measure and only the splits can differ."""
-    if low > threshold:
-        return verdict("split-shift", "first-pass-val-above",
-                       f"val above train by {low:+.3f} nats within the first pass ({at}), where every "
-                       f"window is new and the mean train loss errs high (threshold {threshold}): the val "
-                       "split is harder than train")
-    if high < -threshold:
-        return verdict("split-shift", "first-pass-val-below",
-                       f"val below train by {-high:.3f} nats or more within the first pass ({at}), even "
-                       f"with the mean train loss moved to the epoch's end (threshold {threshold}): the val "
-                       "split is easier than train")
-    previous, val_loss = epochs[-2]["val_loss"], epochs[-1]["val_loss"]
-    if val_loss < previous * (1 - CONVERGENCE_TOLERANCE):
-        return verdict("too-early", "first-pass-falling",
-                       f"{at}, under one, and val still falling ({previous:.4f} → {val_loss:.4f}): nothing "
-                       "has been trained on twice, so overfitting and memorization cannot show yet")
-    return verdict("healthy", "first-pass-agree",
-                   f"val − train is {low:+.3f} nats within the first pass ({at}), inside ±{threshold}, and "
-                   "val stopped falling")
+                       f"{first + 1}, gap {first_low:+.3f}), where every window was new: "
+                       f"{HARDER_VAL if side == 'above' else EASIER_VAL}; since then the gap grew {growth:+.3f} "
+                       f"(threshold {gap_growth})")
+    return Finding("healthy", "agree",
+                   f"after {at} val − train is {low:+.3f} nats: {growth:+.3f} beyond {baseline_text} "
+                   f"(threshold {gap_growth}), val not below train by more than {threshold}, and val has "
+                   "not turned")
 
 
 # ---------------------------------------------------------------------------------------------

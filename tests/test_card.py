@@ -71,11 +71,12 @@ def test_card_quotes_every_epoch_of_the_training_summary(run_dir):
         assert row in text
 
 
-def test_card_states_the_memorization_verdict_and_its_reason(run_dir):
+def test_card_states_the_training_verdict_its_reason_and_rule(run_dir):
     render_card(run_dir, repo_id=REPO)
-    memorization = read_evidence(run_dir, "training-summary")["summary"]["memorization"]
-    assert f"### Memorization check: {memorization['verdict']}" in _card_text(run_dir)
-    assert memorization["reason"] in _card_text(run_dir)
+    verdict = read_evidence(run_dir, "training-summary")["summary"]["memorization"]
+    assert f"### Training verdict: {verdict['verdict']}" in _card_text(run_dir)
+    assert verdict["reason"] in _card_text(run_dir)
+    assert f"Rule `{verdict['rule']}`" in _card_text(run_dir)
 
 
 def test_card_files_tables_give_size_and_sha256_of_every_released_file(run_dir):

@@ -151,11 +151,24 @@ def test_a_stopped_run_fails_and_a_running_one_is_partial(run_dir):
     assert _status(evaluate_gates(run_dir), "train.completed") == "FAILED"
 
 
-@pytest.mark.parametrize(("verdict", "status"), [("healthy", "DISCHARGED"), ("inconclusive", "PARTIAL"),
-                                                 ("memorization-suspect", "FAILED")])
-def test_memorization_verdict_decides_its_gate(run_dir, verdict, status):
+@pytest.mark.parametrize(("verdict", "status"), [("healthy", "DISCHARGED"), ("too-early", "PARTIAL"),
+                                                 ("split-shift", "PARTIAL"), ("memorization-suspect", "FAILED")])
+def test_training_regime_decides_its_gate(run_dir, verdict, status):
     training = read_evidence(run_dir, "training-summary")
-    training["summary"]["memorization"]["verdict"] = verdict
+    training["summary"]["memorization"] |= {"verdict": verdict, "turn_epoch": None}
+    write_evidence(run_dir, "training-summary", training)
+    assert _status(evaluate_gates(run_dir), "train.memorization") == status
+
+
+@pytest.mark.parametrize(("best_is_released", "turn_after_release", "status"),
+                         [(True, True, "PARTIAL"), (False, True, "FAILED"), (True, False, "FAILED")])
+def test_overfitting_is_partial_only_when_the_release_is_the_best_epoch_before_the_turn(
+        run_dir, best_is_released, turn_after_release, status):
+    released = inspect_apr(run_dir / "ckpt" / "best.apr").metadata["producer"]["epoch"]
+    training = read_evidence(run_dir, "training-summary")
+    training["summary"]["memorization"] |= {"verdict": "overfitting",
+                                            "turn_epoch": released + 1 if turn_after_release else released,
+                                            "best_epoch": released if best_is_released else released - 1}
     write_evidence(run_dir, "training-summary", training)
     assert _status(evaluate_gates(run_dir), "train.memorization") == status
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,13 +20,13 @@ from tokenizers import Tokenizer
 from shipkit.apr import read_apr, validate_apr
 from shipkit.cli import main
 from shipkit.data import Windows
-from shipkit.errors import InputError, TrainingError
-from shipkit.evidence import read_evidence
+from shipkit.errors import InputError, IntegrityError, TrainingError
+from shipkit.evidence import read_evidence, write_evidence
 from shipkit.fsutil import sha256_file
 from shipkit.model import CausalLM
 from shipkit.presets import apply_overrides, get_preset
 from shipkit.tokenize import read_tokens
-from shipkit.train import train
+from shipkit.train import resume, train, train_subset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,6 +153,28 @@ def test_epoch_metadata_json_repeats_the_epoch_record(tiny_run_dir: Path) -> Non
     assert metadata["sha256"] == sha256_file(tiny_run_dir / "ckpt" / "epoch-001.apr")
 
 
+def test_evidence_holds_the_training_verdict_with_its_rule_and_numbers(tiny_run_dir: Path) -> None:
+    summary = read_evidence(tiny_run_dir, "training-summary")["summary"]
+    verdict = summary["memorization"]
+    assert verdict["verdict"] in ("healthy", "too-early", "split-shift", "overfitting", "memorization-suspect")
+    assert {"rule", "reason", "epoch", "gap", "wraps", "train_lag", "first_pass_epoch", "first_pass_gap", "gap_growth",
+            "best_epoch", "turn_epoch", "threshold", "overfitting_gap_growth", "overfitting_rise_epochs"} <= set(verdict)
+    assert (verdict["epoch"], verdict["best_epoch"]) == (3, summary["best_epoch"])
+
+
+def test_evidence_schema_refuses_an_unknown_verdict_and_reads_files_written_before_it(
+        tiny_run_dir: Path, tmp_path: Path) -> None:
+    evidence = read_evidence(tiny_run_dir, "training-summary")
+    evidence["summary"]["memorization"]["verdict"] = "fine"
+    with pytest.raises(IntegrityError, match="summary/memorization/verdict"):
+        write_evidence(tmp_path, "training-summary", evidence)
+    evidence["summary"].pop("early_stop")
+    evidence["summary"]["memorization"] = {"verdict": "inconclusive", "gap": 0.21, "wraps": 0.1, "threshold": 0.1,
+                                           "reason": "val above train by more than the threshold"}
+    write_evidence(tmp_path, "training-summary", evidence)
+    assert read_evidence(tmp_path, "training-summary")["summary"]["memorization"]["verdict"] == "inconclusive"
+
+
 # --- stop reasons -------------------------------------------------------------------------------
 
 
@@ -183,6 +207,77 @@ def test_data_dir_without_tokenizer_is_an_input_error(tmp_path: Path) -> None:
         train(_micro_config(), tmp_path, tmp_path / "run", device="cpu", progress=False)
 
 
+# --- early stopping and train_fraction -----------------------------------------------------------
+
+# A model that learns 2% of the tiny corpus by heart within a few epochs: val is best after
+# epoch 1 and rises from there while train keeps falling.
+OVERFIT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "seq_len": 32, "batch_size": 8, "num_steps": 300, "steps_per_epoch": 30,
+           "warmup_steps": 5, "lr": 1e-2, "val_tokens": 1024, "train_fraction": 0.02}
+
+
+@pytest.fixture(scope="module")
+def early_stopped_run_dir(tiny_tokens_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("early-stop") / "run"
+    config = apply_overrides(get_preset("tiny"), {**OVERFIT, "early_stop_patience": 2})
+    train(config, tiny_tokens_dir, run_dir, device="cpu", progress=False)
+    return run_dir
+
+
+def test_early_stop_ends_the_run_after_patience_epochs_without_a_new_best(early_stopped_run_dir: Path) -> None:
+    summary = read_evidence(early_stopped_run_dir, "training-summary")["summary"]
+    assert (summary["status"], summary["stop_reason"]) == ("completed", "early_stop")
+    assert (summary["best_epoch"], summary["epochs_completed"], summary["steps_completed"]) == (1, 3, 90)
+    assert summary["early_stop"] == {"patience": 2, "epochs_without_improvement": 2, "stopped_after_epoch": 3}
+    assert "no new best val loss in 2 epoch(s)" in summary["stop_message"]
+    assert not (early_stopped_run_dir / "ckpt" / "epoch-004.apr").exists()
+
+
+def test_an_early_stopped_run_is_labelled_overfitting_with_its_best_epoch(early_stopped_run_dir: Path) -> None:
+    verdict = read_evidence(early_stopped_run_dir, "training-summary")["summary"]["memorization"]
+    assert (verdict["verdict"], verdict["best_epoch"]) == ("overfitting", 1)
+    assert verdict["turn_epoch"] > verdict["best_epoch"]
+
+
+def test_resuming_an_early_stopped_run_leaves_it_stopped(early_stopped_run_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(early_stopped_run_dir, run_dir)
+    evidence = resume(run_dir, num_steps=600, device="cpu", progress=False)
+    assert (evidence["summary"]["stop_reason"], evidence["summary"]["epochs_completed"]) == ("early_stop", 3)
+    assert sorted(path.name for path in (run_dir / "ckpt").glob("epoch-*.apr")) == [
+        "epoch-001.apr", "epoch-002.apr", "epoch-003.apr", "epoch-003.resume.apr"]
+
+
+def test_resume_counts_patience_from_the_recorded_epochs(tiny_tokens_dir: Path, tmp_path: Path) -> None:
+    config = apply_overrides(get_preset("tiny"), {**OVERFIT, "num_steps": 60, "early_stop_patience": 3})
+    train(config, tiny_tokens_dir, tmp_path / "run", device="cpu", progress=False)
+    first = read_evidence(tmp_path / "run", "training-summary")["summary"]
+    assert (first["stop_reason"], first["early_stop"]["epochs_without_improvement"]) == ("completed", 1)
+    summary = resume(tmp_path / "run", num_steps=300, device="cpu", progress=False)["summary"]
+    assert (summary["stop_reason"], summary["early_stop"]["stopped_after_epoch"]) == ("early_stop", 4)
+
+
+def test_no_patience_records_no_early_stop(tiny_run_dir: Path) -> None:
+    assert read_evidence(tiny_run_dir, "training-summary")["summary"]["early_stop"] is None
+
+
+def test_train_fraction_trains_on_a_random_share_of_the_windows(tiny_tokens_dir: Path) -> None:
+    shards = read_tokens(tiny_tokens_dir, "train").shards
+    subset = train_subset(shards, 32, 0.25, seed=42)
+    all_windows, kept = Windows(shards, 32).count, Windows(subset, 32).count
+    assert kept == pytest.approx(all_windows / 4, rel=0.05)
+    assert all(np.shares_memory(part, shards[0]) for part in subset)
+    assert [part[0] for part in subset] == [part[0] for part in train_subset(shards, 32, 0.25, seed=42)]
+    assert train_subset(shards, 32, 1.0, seed=42) == list(shards)
+
+
+def test_train_fraction_multiplies_the_passes(early_stopped_run_dir: Path, tiny_tokens_dir: Path) -> None:
+    epochs = read_evidence(early_stopped_run_dir, "training-summary")["epochs"]
+    windows = Windows(read_tokens(tiny_tokens_dir, "train").shards, OVERFIT["seq_len"]).count
+    consumed = OVERFIT["steps_per_epoch"] * OVERFIT["batch_size"]
+    assert epochs[0]["wraps"] == pytest.approx(consumed / (windows * OVERFIT["train_fraction"]), rel=0.05)
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 
@@ -198,6 +293,31 @@ def test_cli_unknown_set_field_exits_2(tiny_tokens_dir: Path, tmp_path: Path) ->
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "hiden_size: unknown field" in result.output
+
+
+def test_cli_early_stop_patience_option_sets_the_config_field(tiny_tokens_dir: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(tiny_tokens_dir), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet",
+            *_set_options(MICRO), "--early-stop-patience", "3", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    evidence = json.loads(result.output)
+    assert evidence["hyperparameters"]["early_stop_patience"] == 3
+    assert evidence["summary"]["early_stop"]["patience"] == 3
+
+
+def test_cli_prints_the_early_stop_and_the_verdict(early_stopped_run_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(early_stopped_run_dir, tmp_path / "run")
+    result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "run"), "--num-steps", "600",
+                                       "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "3 epochs, 90 steps, early_stop" in result.output
+    assert "verdict: overfitting, turned at epoch" in result.output
+
+
+def test_cli_early_stop_patience_is_refused_on_resume(tiny_run_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["train", "--resume", str(tiny_run_dir), "--early-stop-patience", "2"])
+    assert result.exit_code == 2
+    assert "early_stop_patience" in result.output
 
 
 def test_cli_resume_refuses_a_finished_run_without_more_steps(tiny_run_dir: Path) -> None:

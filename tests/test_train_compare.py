@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from test_train import MICRO
 
 from shipkit.cli import main
-from shipkit.compare import compare_runs
+from shipkit.compare import compare_runs, run_labels
 from shipkit.evidence import read_evidence
 from shipkit.presets import apply_overrides, get_preset
 from shipkit.train import train
@@ -57,3 +57,37 @@ def test_compare_of_a_folder_without_evidence_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["compare", str(tmp_path)])
     assert result.exit_code == 2
     assert "evidence file not found" in result.output
+
+
+def test_compare_labels_runs_by_as_much_of_their_path_as_tells_them_apart(tmp_path: Path) -> None:
+    assert run_labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
+    assert run_labels([tmp_path / "full" / "run", tmp_path / "quarter" / "run"]) == ["full/run", "quarter/run"]
+
+
+def test_compare_plot_is_one_png_with_a_panel_per_run(tiny_run_dir: Path, short_run_dir: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "plots" / "loss.png"
+    result = CliRunner().invoke(main, ["compare", str(tiny_run_dir), str(short_run_dir), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"loss curves: {plot}"
+    header = plot.read_bytes()
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(header[16:20], "big")
+    assert width == 2 * 480  # two 4.8-inch panels at 100 dpi
+
+
+def test_compare_json_names_the_plot(tiny_run_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", str(tiny_run_dir), "--plot", str(tmp_path / "l.png"), "--json"])
+    assert json.loads(result.output)["plot"] == str(tmp_path / "l.png")
+
+
+def test_compare_plot_onto_a_folder_exits_2(tiny_run_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", str(tiny_run_dir), "--plot", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is a folder" in result.output
+
+
+def test_compare_verdict_line_states_the_verdict_and_its_reason(tiny_run_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["compare", str(tiny_run_dir)])
+    verdict = read_evidence(tiny_run_dir, "training-summary")["summary"]["memorization"]
+    assert f"run: {verdict['verdict']}" in result.output
+    assert verdict["reason"] in result.output

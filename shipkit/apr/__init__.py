@@ -14,7 +14,13 @@ from shipkit.apr.reader import (
     read_apr,
     validate_apr,
 )
-from shipkit.apr.writer import AprWriter, TensorSpec, apr_writer, tensor_chunks, write_apr
+from shipkit.apr.writer import (
+    AprWriter,
+    TensorSpec,
+    apr_writer,
+    tensor_chunks,
+    write_apr,
+)
 
 __all__ = [
     "AprCheckpoint",

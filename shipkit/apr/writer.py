@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from shipkit.fsutil import atomic_write, check_file_target
 from shipkit.model import ModelConfig
 
 # Bytes of one streamed chunk: large enough that per-chunk overhead vanishes against the copy,
-# small enough to be noise next to the largest tensor of a 7B model (1.1 GB of bf16 embedding).
-STREAM_CHUNK_BYTES = 64 << 20
+# small enough that the two a conversion holds at once are noise next to a stage's start-up
+# memory (~230 MiB with torch) and to the largest tensor of a 7B model (1.1 GB of bf16 embedding).
+STREAM_CHUNK_BYTES = 16 << 20
 PLACEHOLDER_DIGEST = "0" * 16  # the width of every xxh3 in the index, so rewriting keeps the length
 
 
@@ -43,20 +45,16 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * fmt.DTYPE_SIZES[self.dtype]
+        return math.prod(self.shape) * fmt.DTYPE_SIZES[self.dtype]
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> TensorSpec:
-        """The spec of `tensor` as stored in `dtype` (default: its own)."""
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        """The spec of `tensor` as it is (its own dtype and shape)."""
         _check_tensor(name, tensor)
-        stored = dtype or tensor.dtype
-        if stored not in fmt.DTYPE_NAMES:
-            raise InputError(f"tensor {name}: dtype {stored} is not supported by APR "
+        if tensor.dtype not in fmt.DTYPE_NAMES:
+            raise InputError(f"tensor {name}: dtype {tensor.dtype} is not supported by APR "
                              f"(supported: {', '.join(fmt.DTYPES)})")
-        return cls(name, fmt.DTYPE_NAMES[stored], tuple(tensor.shape))
+        return cls(name, fmt.DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
 
 
 @dataclass(frozen=True)
@@ -188,18 +186,19 @@ def write_apr(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
 
 def tensor_chunks(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> Iterator[np.ndarray]:
     """The tensor's bytes (row-major, little-endian) in `dtype` (default: its own), as flat
-    uint8 arrays of at most about STREAM_CHUNK_BYTES: a conversion never holds more than one
-    chunk, and a tensor already in `dtype` is not copied at all when contiguous."""
+    uint8 arrays of at most about STREAM_CHUNK_BYTES, each valid until the next is drawn. A
+    tensor already in `dtype` is not copied when contiguous; a conversion goes through one
+    reused buffer (fresh chunk-sized allocations leave freed heap that the allocator keeps)."""
     dtype = dtype or tensor.dtype
     flat = tensor.detach().reshape(-1)  # a view when contiguous (a mapped checkpoint always is)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    itemsize = max(tensor.element_size(), dtype.itemsize)
-    step = max(1, STREAM_CHUNK_BYTES // itemsize)
+    step = max(1, STREAM_CHUNK_BYTES // max(tensor.element_size(), dtype.itemsize))
+    converted = None if flat.dtype == dtype else torch.empty(min(step, flat.numel()), dtype=dtype)
     for start in range(0, flat.numel(), step):
         piece = flat[start:start + step]
-        if piece.dtype != dtype:
-            piece = piece.to(dtype)
+        if converted is not None:
+            piece = converted[:len(piece)].copy_(piece)
         yield piece.contiguous().view(torch.uint8).numpy()
 
 

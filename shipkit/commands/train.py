@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from shipkit.commands.common import emit, json_option
-from shipkit.compare import compare_runs, render_comparison
+from shipkit.compare import compare_runs, render_comparison, write_comparison_plot
 from shipkit.errors import InputError
 from shipkit.fsutil import check_folder_target
 from shipkit.presets import PRESETS, apply_overrides, get_preset, parse_set_options
@@ -127,10 +127,18 @@ def train_command(
 
 @click.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, metavar="FILE.png",
+              help="Also write the runs' loss curves side by side, titled with their verdicts, to this PNG.")
 @json_option
-def compare_command(run_dirs: tuple[Path, ...], as_json: bool) -> None:
+def compare_command(run_dirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> None:
     """Side-by-side table of runs' epochs (train, val, gap, wraps) and their verdicts."""
     result = compare_runs(list(run_dirs))
+    if plot_path is not None:
+        if plot_path.is_dir():
+            raise InputError(f"--plot {plot_path}: is a folder; give a file name such as loss.png")
+        check_folder_target(plot_path.parent, "--plot")
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        result["plot"] = str(write_comparison_plot(result, plot_path))
     emit(result, as_json, render_comparison)
 
 

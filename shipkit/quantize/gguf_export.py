@@ -56,8 +56,11 @@ from shipkit.tokenizer_contract import read_contract
 TOKENIZER_FILE = "tokenizer.json"
 GGUF_SUFFIX = ".gguf"
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-# Values checked for NaN/Inf per pass: a float32 copy of this many stays small next to a tensor.
+# Values checked for NaN/Inf per pass: the temporaries of this many stay small next to a tensor.
 FINITE_CHECK_CHUNK = 1 << 24
+# The exponent bits of the 16-bit floats: all of them set is an Inf or a NaN. Reading the bits
+# checks a bf16 tensor 6x faster here than converting it to float32 first.
+NON_FINITE_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 # (GGUF name, values in llama.cpp's layout, GGML type): one tensor ready to encode.
 PlannedTensor = tuple[str, torch.Tensor, QType]
 
@@ -105,10 +108,18 @@ def _checked_values(name: str, tensor: torch.Tensor) -> torch.Tensor:
                          "(use float64/32/16 or bfloat16)")
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), FINITE_CHECK_CHUNK):
-        chunk = flat[start:start + FINITE_CHECK_CHUNK].to(torch.float32)
-        if not np.isfinite(chunk.numpy()).all():  # numpy: one thread, no contention with torch's pool
+        if not _all_finite(flat[start:start + FINITE_CHECK_CHUNK]):
             raise IntegrityError(f"tensor {name} has NaN or Inf values; refusing to export it")
     return tensor
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether no value is NaN or Inf (numpy: one thread, no contention with torch's pool)."""
+    exponent = NON_FINITE_EXPONENT.get(values.dtype)
+    if exponent is None:
+        return bool(np.isfinite(values.numpy()).all())
+    bits = np.bitwise_and(values.view(torch.int16).numpy(), np.int16(exponent))
+    return int(bits.max(initial=0)) != exponent
 
 
 def _float_payload(values: torch.Tensor, qtype: QType) -> np.ndarray:
@@ -223,7 +234,7 @@ def tensor_entry(name: str, shape: tuple[int, ...], config: ModelConfig, spec: m
 def plan_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, spec: mix.FileType) -> PlannedTensor:
     """(GGUF name, values in llama.cpp's layout and the checkpoint's dtype, GGML type) of one
     checkpoint tensor."""
-    target, shape, ggml_type = tensor_entry(name, tuple(tensor.shape), config, spec)
+    target, _, ggml_type = tensor_entry(name, tuple(tensor.shape), config, spec)
     values = _checked_values(name, tensor)
     heads = rope_heads(name, config)
     if heads is not None:
