@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shipkit.apr import write_apr  # noqa: E402
 from shipkit.model import CausalLM, ModelConfig, parameter_count  # noqa: E402
-from shipkit.parity import LoadedModel, TorchEngine, Windows, eval_batches, load_model_file, resolve_device  # noqa: E402
+from shipkit.parity import LoadedModel, TorchEngine, Windows, load_model_file, resolve_device  # noqa: E402
 from shipkit.presets import get_preset  # noqa: E402
 from shipkit.quantize import write_gguf  # noqa: E402
 from bench_quantize import write_tokenizer  # noqa: E402 (the same small test tokenizer)
@@ -50,12 +50,13 @@ def build_files(config: ModelConfig, qtype: str, folder: Path, seed: int, device
 
 
 def time_torch_engine(base: LoadedModel, quant: LoadedModel, windows: Windows, device: torch.device) -> dict:
+    warmup = Windows(tokens=windows.tokens[:1], tokenizer_sha256=windows.tokenizer_sha256)
+    for _ in TorchEngine(base, quant, device).steps(warmup):  # CUDA context, kernels, allocator: not timed
+        pass
     engine = TorchEngine(base, quant, device)
-    warmup = windows.tokens[:1]
-    engine.step(warmup, windows)  # CUDA context, kernels and allocator warm-up, not timed
     started = time.perf_counter()
-    for batch in eval_batches(windows, base.config.vocab_size, device):
-        engine.step(batch, windows)
+    for _ in engine.steps(windows):
+        pass
     wall = time.perf_counter() - started
     return {"seconds": wall, "tokens_per_second": windows.tokens.size / wall}
 

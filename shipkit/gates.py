@@ -94,7 +94,8 @@ class RunView:
     @property
     def source(self) -> dict[str, Any] | None:
         """`producer.source` of an imported checkpoint, else None."""
-        return ((self.metadata or {}).get("producer") or {}).get("source")
+        source = ((self.metadata or {}).get("producer") or {}).get("source")
+        return {"file": source} if isinstance(source, str) else source  # convert records a file name
 
     @property
     def config(self) -> ModelConfig | None:

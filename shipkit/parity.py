@@ -55,11 +55,9 @@ from shipkit.model import (
 )
 from shipkit.quantize.dequant import dequantize
 from shipkit.quantize.formats import QType
-from shipkit.quantize.gguf_load import _check_rope_freqs, _config, open_gguf
+from shipkit.quantize.gguf_load import gguf_config, model_tensors, open_gguf
 from shipkit.quantize.tensor_names import (
-    ROPE_FREQS,
     from_interleaved,
-    hf_name,
     rope_heads,
 )
 from shipkit.tokenize import read_tokens
@@ -289,15 +287,7 @@ class GgufWeights(ModelWeights):
     cheap_rows = False
 
     def __init__(self, reader: gguf.GGUFReader, config: ModelConfig, path: Path) -> None:
-        tensors = {}
-        for tensor in reader.tensors:
-            if tensor.name == ROPE_FREQS:
-                _check_rope_freqs(np.asarray(tensor.data), config, path)
-                continue
-            name = hf_name(tensor.name)
-            if name is None:
-                raise IntegrityError(f"{path.name}: unexpected tensor {tensor.name[:64]!r}")
-            tensors[name] = tensor
+        tensors = model_tensors(reader, config, path)
         # ggml lists ne0 (the columns) first
         super().__init__({name: tuple(int(size) for size in reversed(t.shape)) for name, t in tensors.items()})
         self._tensors, self._config = tensors, config
@@ -361,7 +351,7 @@ def load_model_file(path: str | Path) -> LoadedModel:
         return LoadedModel(path, "apr", checkpoint.config, AprWeights(checkpoint.tensors), tokenizer.get("sha256"))
     if path.suffix == ".gguf":
         reader = open_gguf(path)
-        config = _config(reader, path)
+        config = gguf_config(reader, path)
         return LoadedModel(path, "gguf", config, GgufWeights(reader, config, path))
     raise InputError(f"{path}: expected an .apr or .gguf file")
 

@@ -171,7 +171,8 @@ def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[st
     writer = gguf.GGUFWriter(None, gguf_architecture(config))
     _add_metadata(writer, config, spec, base_name)
     add_tokenizer(writer, tokenizer, contract, architecture=config.architecture)
-    add_source_metadata(writer, checkpoint.metadata.get("producer", {}).get("source") or {})
+    source = checkpoint.metadata.get("producer", {}).get("source")
+    add_source_metadata(writer, source if isinstance(source, dict) else {})  # convert records a file name
     derived = derived_tensors(config)
     table = [*((target, tuple(values.shape), ggml_type) for target, values, ggml_type in derived),
              *(tensor_entry(name, tuple(tensor.shape), config, spec) for name, tensor in checkpoint.tensors.items())]

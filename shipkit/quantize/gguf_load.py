@@ -219,15 +219,9 @@ def load_gguf_model(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str
     """
     path = Path(path)
     reader = open_gguf(path)
-    config = _config(reader, path)
+    config = gguf_config(reader, path)
     weights: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        if tensor.name == ROPE_FREQS:
-            _check_rope_freqs(np.asarray(tensor.data), config, path)
-            continue
-        name = hf_name(tensor.name)
-        if name is None:
-            raise IntegrityError(f"{path.name}: unexpected tensor {_short(tensor.name)}")
+    for name, tensor in model_tensors(reader, config, path).items():
         shape = tuple(int(size) for size in reversed(tensor.shape))  # ggml lists ne0 (columns) first
         values = torch.from_numpy(dequantize(tensor.data, QType(tensor.tensor_type), shape).copy())
         heads = rope_heads(name, config)
@@ -259,7 +253,7 @@ def _decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
+def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     arch = _field(reader, "general.architecture", path, str)
     family = _model_type(reader, arch, path)
     names = {tensor.name for tensor in reader.tensors}
@@ -333,3 +327,18 @@ def _check_rope_freqs(factors: np.ndarray, config: ModelConfig, path: Path) -> N
             factors, expected, rtol=ROPE_FREQS_REL_TOLERANCE, atol=0):
         raise IntegrityError(f"{path.name}: {ROPE_FREQS} differs from the llama3 RoPE factors of its "
                              f"{ROPE_SCALING_KEY_PREFIX}* keys")
+
+
+def model_tensors(reader: gguf.GGUFReader, config: ModelConfig, path: Path) -> dict[str, Any]:
+    """The GGUF's weight tensors by HF name; `rope_freqs` is checked against the config and left
+    out (shipkit derives it). IntegrityError for a tensor this model cannot have."""
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            _check_rope_freqs(np.asarray(tensor.data), config, path)
+            continue
+        name = hf_name(tensor.name)
+        if name is None:
+            raise IntegrityError(f"{path.name}: unexpected tensor {_short(tensor.name)}")
+        tensors[name] = tensor
+    return tensors
