@@ -179,6 +179,8 @@ def _completed(summary: dict[str, Any]) -> Gate:
     evidence = [ref(TRAINING, "summary.stop_reason", summary["stop_reason"])]
     if summary["stop_reason"] == "completed":
         return Gate("train.completed", "TRAIN", DISCHARGED, "the run reached num_steps", evidence)
+    if summary["stop_reason"] == "early_stop":  # patience ran out: a planned end, not a failure
+        return Gate("train.completed", "TRAIN", DISCHARGED, f"stopped early: {summary['stop_message']}", evidence)
     if summary["status"] == "running":
         return Gate("train.completed", "TRAIN", PARTIAL, "the run has not finished (status running)", evidence)
     return Gate("train.completed", "TRAIN", FAILED, f"the run stopped: {summary['stop_message']}", evidence)
