@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,9 @@ import torch
 from hostile import assert_refused, run_cli
 from quant_helpers import gguf_tensors, llama_cpp_quantize, write_random_checkpoint
 from tokenizer_helpers import special_ids, write_family_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_scale import tree_rss_anon  # noqa: E402  (one measure of memory, the benchmark's)
 
 from shipkit.apr import TensorSpec, apr_writer, read_apr, validate_apr, write_apr
 from shipkit.apr.convert import write_safetensors
@@ -88,21 +90,6 @@ def write_bf16_hf_folder(folder: Path, config: ModelConfig, *, shard_bytes: int 
         write_safetensors(folder / name, shard, {"format": "pt"})
         weight_map |= dict.fromkeys(shard, name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def tree_rss_anon(root: int) -> int:
-    total, pending = 0, [root]
-    while pending:
-        pid = pending.pop()
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                total += next((int(line.split()[1]) << 10 for line in status if line.startswith("RssAnon:")), 0)
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as children:
-                    pending += [int(child) for child in children.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 def peak_rss_anon(*args: str | Path) -> int:
