@@ -2,7 +2,7 @@
 
 Builds a random model of the `model-2` preset's shape (370M parameters; `--quick`: a small
 shape for the CPU), writes it as an F32 `.apr`, quantizes it with shipkit's own GGUF writer,
-reads the quant back (dequantized from the GGUF bytes), and times `shipkit.parity.TorchEngine`
+reads the quant back (dequantized from the GGUF bytes), and times `shipkit.parity.torch_engine.TorchEngine`
 over `--n-tokens` random tokens in windows of `--ctx` on `--device`.
 
     python benchmarks/bench_parity.py --device cuda --json-out bench-parity.json
@@ -24,12 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shipkit.apr import write_apr  # noqa: E402
-from shipkit.model import CausalLM, ModelConfig, parameter_count  # noqa: E402
-from shipkit.parity import LoadedModel, TorchEngine, Windows, load_model_file, resolve_device  # noqa: E402
-from shipkit.presets import get_preset  # noqa: E402
-from shipkit.quantize import write_gguf  # noqa: E402
 from bench_quantize import write_tokenizer  # noqa: E402 (the same small test tokenizer)
+
+from shipkit.apr import write_apr  # noqa: E402
+from shipkit.config import ModelConfig, parameter_count  # noqa: E402
+from shipkit.device import resolve_device  # noqa: E402
+from shipkit.model import CausalLM  # noqa: E402
+from shipkit.parity.inputs import Windows  # noqa: E402
+from shipkit.parity.torch_engine import TorchEngine  # noqa: E402
+from shipkit.parity.weights import LoadedModel, load_model_file  # noqa: E402
+from shipkit.quantize import write_gguf  # noqa: E402
+from shipkit.train.presets import get_preset  # noqa: E402
 
 QUICK_SHAPE = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}

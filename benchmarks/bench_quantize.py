@@ -1,26 +1,29 @@
-"""Time Q4_K_M quantization of a MODEL-2-shaped model: shipkit vs llama.cpp, same machine.
+"""Time every K-quant file type, with and without an importance matrix: shipkit vs llama.cpp's
+`llama-quantize` on the same cores and the same input, and check that both write the same bytes.
 
-Builds a random F32 model of the `model-2` preset's shape (hidden 1024, 24 layers, 16/4 heads,
-FFN 2816, vocab 50257: 370M weights; `--quick`: a small shape), writes it as an `.apr` and as
-an F32 GGUF, then times
-- llama.cpp's own quantizer (`llama_model_quantize`, `--threads` threads) F32 GGUF -> Q4_K_M,
-- shipkit's quantizer on `--device` over every tensor in memory (the compute alone; on CUDA
-  also with the weights already on the GPU), and `write_gguf` end to end (.apr -> Q4_K_M GGUF,
-  reading, quantizing and writing),
-and checks that both files hold the same bytes in every tensor. Without llama-cpp-python
-(a GPU box, say) the bytes are checked against shipkit's CPU quantizer on a few tensors.
+Builds a random F32 model (`--layers` layers of the `model-2` preset's shape: hidden 1024, 16/4
+heads, FFN 2816, vocab 50257; the default 8 layers are 193M weights, well under a minute per
+type and tool on a 2-core CPU; `--quick`: a small shape), writes it as an `.apr` and as an F32
+GGUF, makes an importance matrix with `llama-imatrix` on stdlib code, then for each type and
+each imatrix mode times end to end
+- llama-quantize [--imatrix F] F32.gguf OUT TYPE THREADS (a subprocess: load, quantize, write),
+- shipkit's `write_gguf` (.apr -> GGUF: read, quantize, write) on `--device`,
+both pinned to the same `--threads` cores, and prints seconds and the ratio llama/shipkit
+(target ≥ 1.0: shipkit at least as fast). The tools come from tests/llama_tools.py (built once
+per machine if need be).
 
     python benchmarks/bench_quantize.py --quick
-    python benchmarks/bench_quantize.py --device cuda --json-out bench-quantize.json
+    python benchmarks/bench_quantize.py --types Q4_K_M,Q2_K --json-out bench-quantize.json
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -29,19 +32,23 @@ import gguf
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from shipkit.apr import write_apr  # noqa: E402
-from shipkit.model import ModelConfig  # noqa: E402
-from shipkit.presets import get_preset  # noqa: E402
-from shipkit.quantize import mix, native_search, write_gguf  # noqa: E402
-from shipkit.quantize.gguf_export import encode_tensors, plan_tensor  # noqa: E402
+from shipkit.config import ModelConfig  # noqa: E402
+from shipkit.quantize import kquants, write_gguf  # noqa: E402
+from shipkit.quantize.formats import QType  # noqa: E402
 from shipkit.tokenize import EOT_TOKEN, new_tokenizer  # noqa: E402
+from shipkit.train.presets import get_preset  # noqa: E402
 
-FILE_TYPE = "Q4_K_M"
+K_QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+DEFAULT_LAYERS = 8
 QUICK_SHAPE = {"vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1024,
                "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2}
-CPU_CHECK_TENSORS = 3  # tensors re-quantized on the CPU when llama.cpp is not installed
+IMATRIX_CONTEXT = 256  # tokens per llama-imatrix chunk
+IMATRIX_CHUNKS = 4
+CALIBRATION_PACKAGE = "json"  # stdlib code the importance matrix is computed on
 
 
 def random_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -76,107 +83,93 @@ def write_tokenizer(path: Path) -> None:
     tokenizer.save(str(path))
 
 
-def quantize_in_memory(weights: dict[str, torch.Tensor], config: ModelConfig, device: str,
-                       *, resident: bool = False) -> tuple[float, dict[str, bytes]]:
-    """Seconds to encode every tensor as write_gguf does (mix, Q/K order), and the bytes.
-
-    `resident`: the weights are moved to `device` before the clock starts (a GPU-trained
-    model's case); otherwise they travel from CPU memory inside the timing."""
-    spec = mix.file_type(FILE_TYPE)
-    plan = [plan_tensor(name, values, config, spec) for name, values in weights.items()]
-    if resident:
-        plan = [(target, values.to(device), qtype) for target, values, qtype in plan]
-    if device == "cuda":  # context creation, kernel compilation and first launches, not timed
-        encode_tensors([entry for entry in plan if entry[2] == mix.QType.Q4_K][:1], device)
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    payloads = encode_tensors(plan, device)
-    seconds = time.perf_counter() - started
-    return seconds, {target: np.ascontiguousarray(payload).tobytes()
-                     for (target, _, _), payload in zip(plan, payloads)}
-
-
-def llama_cpp_quantize(source: Path, target: Path, threads: int) -> float | None:
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads
-    params.ftype = int(mix.file_type(FILE_TYPE).ftype)
-    started = time.perf_counter()
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
-    if status != 0:
-        raise SystemExit(f"llama_model_quantize failed ({status})")
-    return time.perf_counter() - started
-
-
 def gguf_tensors(path: Path) -> dict[str, bytes]:
     return {t.name: np.ascontiguousarray(t.data).tobytes() for t in gguf.GGUFReader(path).tensors}
 
 
+def llama_tool(name: str) -> str:
+    """tests/llama_tools.py's tool path (imported here: bench_parity imports this module too)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from llama_tools import llama_tool as find_tool
+
+    return str(find_tool(name))
+
+
+def run(command: list[str], cwd: Path) -> float:
+    """Seconds `command` took; its output only if it failed."""
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    return time.perf_counter() - started
+
+
+def make_imatrix(folder: Path, threads: int) -> float:
+    """llama-imatrix on the F32 GGUF over stdlib code; its seconds."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"]) / CALIBRATION_PACKAGE
+    (folder / "calibration.txt").write_text("\n".join(p.read_text() for p in sorted(stdlib.glob("*.py"))))
+    return run([llama_tool("llama-imatrix"), "-m", "f32.gguf", "-f", "calibration.txt", "-o", "imatrix.gguf",
+                "-c", str(IMATRIX_CONTEXT), "--chunks", str(IMATRIX_CHUNKS), "--no-ppl", "-t", str(threads)], folder)
+
+
+def compare(folder: Path, file_type: str, imatrix: bool, threads: int, device: str) -> dict:
+    """One type, one imatrix mode: both tools timed, their files compared, then removed."""
+    options = ["--imatrix", "imatrix.gguf"] if imatrix else []
+    llama_seconds = run([llama_tool("llama-quantize"), *options, "f32.gguf", "theirs.gguf", file_type,
+                         str(threads)], folder)
+    ours = write_gguf(folder / "model.apr", folder / "ours.gguf", file_type, tokenizer_path=folder / "tokenizer.json",
+                      device=device, imatrix=folder / "imatrix.gguf" if imatrix else None)
+    identical = gguf_tensors(folder / "ours.gguf") == gguf_tensors(folder / "theirs.gguf")
+    (folder / "ours.gguf").unlink()
+    (folder / "theirs.gguf").unlink()
+    return {"file_type": file_type, "imatrix": imatrix, "llama_quantize_seconds": round(llama_seconds, 3),
+            "shipkit_seconds": round(ours.seconds, 3), "ratio": round(llama_seconds / ours.seconds, 3),
+            "bytes_identical": identical}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp quantizer threads")
+    parser.add_argument("--types", default=",".join(K_QUANT_TYPES), help="comma-separated file types")
+    parser.add_argument("--imatrix", choices=["both", "with", "without"], default="both")
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS, help="layers of the model-2 shape")
     parser.add_argument("--quick", action="store_true", help="a small shape (CPU smoke run)")
+    parser.add_argument("--threads", type=int, default=2, help="cores both tools are pinned to")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where shipkit quantizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.threads]))  # subprocesses inherit it
     config = get_preset("model-2").model
-    if args.quick:
-        config = ModelConfig(**(config.to_dict() | QUICK_SHAPE))
+    config = ModelConfig(**(config.to_dict() | (QUICK_SHAPE if args.quick else {"num_hidden_layers": args.layers})))
     weights = random_weights(config, args.seed)
-    n_weights = sum(t.numel() for t in weights.values())
-    result: dict = {"file_type": FILE_TYPE, "device": args.device, "weights": n_weights,
-                    "shape": config.to_dict(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    if args.device == "cuda":
-        result["gpu"] = torch.cuda.get_device_name()
+    modes = {"both": (False, True), "with": (True,), "without": (False,)}[args.imatrix]
+    result: dict = {"weights": sum(t.numel() for t in weights.values()), "shape": config.to_dict(),
+                    "threads": args.threads, "device": args.device, "cores": sorted(os.sched_getaffinity(0)),
+                    "backend": {mode: kquants.backend(QType.Q4_K, args.device, importance=mode == "imatrix")
+                                for mode in ("plain", "imatrix")}, "torch": torch.__version__, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         folder = Path(tmp)
-        apr = folder / "model.apr"
-        write_apr(apr, weights, {"kind": "weights", "config": config.to_dict(),
-                                 "producer": {"shipkit_version": "bench", "source": "random",
-                                              "epoch": 0, "step": 0}})
+        write_apr(folder / "model.apr", weights, {"kind": "weights", "config": config.to_dict(),
+                                                  "producer": {"shipkit_version": "bench", "source": "random",
+                                                               "epoch": 0, "step": 0}})
+        del weights
         write_tokenizer(folder / "tokenizer.json")
-        f32 = write_gguf(apr, folder / "f32.gguf", "F32", tokenizer_path=folder / "tokenizer.json").path
-
-        theirs = folder / "llama-cpp.gguf"
-        llama_seconds = llama_cpp_quantize(f32, theirs, args.threads)
-        compute_seconds, ours_in_memory = quantize_in_memory(weights, config, args.device)
-        ours = write_gguf(apr, folder / "shipkit.gguf", FILE_TYPE, tokenizer_path=folder / "tokenizer.json",
-                          device=args.device)
-        ours_tensors = gguf_tensors(ours.path)
-        result["shipkit"] = {"search_backend": native_search.backend(args.device),
-                             "compute_seconds": compute_seconds,
-                             "compute_weights_per_s": n_weights / compute_seconds,
-                             "write_gguf_seconds": ours.seconds,
-                             "write_gguf_weights_per_s": n_weights / ours.seconds}
-        result["in_memory_equals_file"] = all(ours_tensors[n] == b for n, b in ours_in_memory.items())
-        if args.device == "cuda":
-            resident_seconds, resident_bytes = quantize_in_memory(weights, config, "cuda", resident=True)
-            result["shipkit"] |= {"gpu_resident_seconds": resident_seconds,
-                                  "gpu_resident_weights_per_s": n_weights / resident_seconds}
-            result["in_memory_equals_file"] &= resident_bytes == ours_in_memory
-        if llama_seconds is not None:
-            llama_tensors = gguf_tensors(theirs)
-            result["llama_cpp"] = {"threads": args.threads, "seconds": llama_seconds,
-                                   "weights_per_s": n_weights / llama_seconds}
-            result["ratio_compute_vs_llama_cpp"] = llama_seconds / compute_seconds
-            result["ratio_write_gguf_vs_llama_cpp"] = llama_seconds / ours.seconds
-            result["bytes_identical"] = llama_tensors == ours_tensors
-            result["bytes_reference"] = "llama.cpp llama_model_quantize"
-        else:
-            checked = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
-                       "model.layers.1.mlp.up_proj.weight")[:CPU_CHECK_TENSORS]
-            _, cpu_bytes = quantize_in_memory({name: weights[name] for name in checked}, config, "cpu")
-            result["bytes_identical"] = all(cpu_bytes[n] == ours_tensors[n] for n in cpu_bytes)
-            result["bytes_reference"] = f"shipkit CPU quantizer on {sorted(cpu_bytes)}"
+        write_gguf(folder / "model.apr", folder / "f32.gguf", "F32", tokenizer_path=folder / "tokenizer.json")
+        if True in modes:
+            result["imatrix_seconds"] = round(make_imatrix(folder, args.threads), 3)
+        for file_type in args.types.split(","):
+            for imatrix in modes:
+                line = compare(folder, file_type, imatrix, args.threads, args.device)
+                result["runs"].append(line)
+                print(f"{file_type:7s} {'imatrix' if imatrix else 'plain':7s} llama-quantize "
+                      f"{line['llama_quantize_seconds']:7.2f} s  shipkit {line['shipkit_seconds']:7.2f} s  "
+                      f"ratio {line['ratio']:.2f}x  {'identical' if line['bytes_identical'] else 'BYTES DIFFER'}",
+                      flush=True)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-    if not result["bytes_identical"] or not result["in_memory_equals_file"]:
+    if not all(line["bytes_identical"] for line in result["runs"]):
         raise SystemExit("bytes differ")
 
 

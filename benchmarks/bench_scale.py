@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tokenizer_helpers import special_ids, write_family_tokenizer  # noqa: E402
 
 from shipkit.apr.convert import write_safetensors  # noqa: E402
-from shipkit.model import ModelConfig, parameter_count, weight_shapes  # noqa: E402
+from shipkit.config import ModelConfig, parameter_count, weight_shapes  # noqa: E402
 
 GIB = 1 << 30
 # Qwen2.5-Coder's published config.json values (the three sizes share everything but these).

@@ -26,7 +26,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from shipkit.corpus import CORPUS_MANIFEST, build_corpus, iter_texts
-from shipkit.tokenize import SPLITS, TOKENIZER_NAME, TokenizerConfig, train_tokenizer
+from shipkit.layout import TOKENIZER_FILE
+from shipkit.tokenize import SPLITS, TokenizerConfig, train_tokenizer
 
 TARGET_RATIO = 0.9
 RSS_POLL_SECONDS = 0.05
@@ -91,9 +92,9 @@ def main() -> None:
     corpus_dir, tokens_dir = args.work / "corpus", args.work / "tokens"
     if not (corpus_dir / CORPUS_MANIFEST).exists():
         build_corpus([], corpus_dir)
-    if not (tokens_dir / TOKENIZER_NAME).exists():
+    if not (tokens_dir / TOKENIZER_FILE).exists():
         train_tokenizer(corpus_dir, tokens_dir, TokenizerConfig(vocab_size=args.vocab_size))
-    tokenizer = Tokenizer.from_file(str(tokens_dir / TOKENIZER_NAME))
+    tokenizer = Tokenizer.from_file(str(tokens_dir / TOKENIZER_FILE))
     tokenizer.encode_special_tokens = True  # as ours does
 
     texts = [text for split in SPLITS for text in iter_texts(corpus_dir, split)]

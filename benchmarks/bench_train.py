@@ -4,12 +4,12 @@
     python benchmarks/bench_train.py --quick          # any machine: a tiny shape, a few steps
     python benchmarks/bench_train.py --json-out r.json
 
-shipkit runs the trainer's single-GPU step (`shipkit.graphed_step`: a compiled bfloat16 working
-copy in the GPU layout, float32 master weights updated by its AdamW kernel, the whole step one
-CUDA graph); `--no-cuda-graph` runs the trainer's multi-GPU step on one GPU instead (bf16
+shipkit runs the trainer's single-GPU step (`shipkit.train.graphed_step`: a compiled bfloat16
+working copy in the GPU layout, float32 master weights updated by its AdamW kernel, the whole
+step one CUDA graph); `--no-cuda-graph` runs the trainer's multi-GPU step on one GPU instead (bf16
 autocast, GPU layout, fused AdamW with clipping folded in, compiled forward + loss). The
 reference is HF's model under bf16 autocast + fused AdamW + `torch.compile` (through
-`shipkit.train_step.train_step`), on the same random tokens. MFU = flops_per_token · tok/s /
+`shipkit.train.step.train_step`), on the same random tokens. MFU = flops_per_token · tok/s /
 989e12 (H100 dense bf16 peak), flops_per_token = 6·N + 12·L·d·T (`shipkit.model.flops_per_token`).
 """
 
@@ -33,11 +33,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shipkit.export import hf_config as hf_config_dict  # noqa: E402
-from shipkit.graphed_step import GraphedTrainStep  # noqa: E402
-from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count  # noqa: E402
-from shipkit.presets import get_preset  # noqa: E402
-from shipkit.train_step import build_optimizer, train_step, training_model  # noqa: E402
+from shipkit.config import ModelConfig, parameter_count  # noqa: E402
+from shipkit.model import CausalLM, flops_per_token  # noqa: E402
+from shipkit.train.graphed_step import GraphedTrainStep  # noqa: E402
+from shipkit.train.presets import get_preset  # noqa: E402
+from shipkit.train.step import build_optimizer, train_step, training_model  # noqa: E402
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
 QUICK_SHAPE = dict(
@@ -68,7 +68,7 @@ class Case:
 
 
 class HFLoss(nn.Module):
-    """HF's model under the same loss as `shipkit.train_step.LanguageModelLoss`."""
+    """HF's model under the same loss as `shipkit.train.step.LanguageModelLoss`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -83,7 +83,7 @@ def _hf_model(config: ModelConfig) -> nn.Module:
     """HF's model of the same shape, from the config.json that `shipkit export` writes."""
     import transformers
 
-    hf_config = transformers.LlamaConfig(**hf_config_dict(config, torch.float32), attn_implementation="sdpa")
+    hf_config = transformers.LlamaConfig(**config.to_hf("float32"), attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(hf_config)
 
 

@@ -24,8 +24,14 @@ from pathlib import Path
 import torch
 
 from shipkit.apr import inspect_apr, validate_apr, write_apr
-from shipkit.apr.format import HEADER_DIGEST_OFFSET, HEADER_SIZE, checksum, header_digest
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.apr.format import (
+    HEADER_DIGEST_OFFSET,
+    HEADER_SIZE,
+    checksum,
+    header_digest,
+)
+from shipkit.config import ModelConfig
+from shipkit.model import CausalLM
 
 MODEL_2 = ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                       num_key_value_heads=4, intermediate_size=2816, vocab_size=50257,

@@ -40,9 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scale import GIB, SHAPES, folder_bytes, machine, model_config, write_checkpoint  # noqa: E402
+from bench_scale import (  # noqa: E402
+    GIB,
+    SHAPES,
+    folder_bytes,
+    machine,
+    model_config,
+    write_checkpoint,
+)
 
-from shipkit.model import parameter_count  # noqa: E402
+from shipkit.config import parameter_count  # noqa: E402
 
 # shipkit's stage log lines: "[model] stage …" when a stage starts, "[model] stage: detail" when it ends.
 STAGE_LINE = re.compile(r"^\[(?P<model>[^\]]+)\] (?P<stage>[\w.]+)(?P<rest>( …|:.*))$")

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shipkit.corpus import CorpusConfig, build_corpus, default_source  # noqa: E402
 from shipkit.evidence import read_evidence  # noqa: E402
-from shipkit.presets import apply_overrides, get_preset, parse_set_options  # noqa: E402
 from shipkit.ship import DEFAULT_MODEL_NAME, ModelSpec  # noqa: E402
 from shipkit.tokenize import TokenizerConfig, encode_corpus, train_tokenizer  # noqa: E402
 from shipkit.train import train  # noqa: E402
+from shipkit.train.presets import apply_overrides, get_preset, parse_set_options  # noqa: E402
 
 # The issue's done-when for the H200 run of model-2 on the stdlib (2,400 steps, 8 epochs).
 ISSUE_RESULT = {"full": {"verdict": "overfitting", "best_epoch": 5, "turn_epoch": 6},

@@ -59,12 +59,46 @@ class Threshold:
 
 @dataclass(frozen=True)
 class SizeBand:
-    """Thresholds loosened for models of at most `max_parameters` stored parameters."""
+    """Thresholds loosened for models of at most `max_parameters` stored parameters: the
+    reference ones (`thresholds`) and, per GGUF file type, that type's (`file_types`)."""
 
     name: str
     max_parameters: int
     reason: str
     thresholds: dict[str, Threshold]
+    file_types: dict[str, dict[str, Threshold]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileTypeBand:
+    """`[parity.file_types.<TYPE>]`: one GGUF file type's limits at the reference size, and the
+    published row they come from."""
+
+    reference: str
+    thresholds: dict[str, Threshold]
+    tensors: dict[str, Threshold] = field(default_factory=dict)  # overrides `[parity.tensors]`
+
+
+@dataclass(frozen=True)
+class AppliedBand:
+    """The thresholds that gate one GGUF: its file type's band at the model's size band.
+    `file_type` is None where the contract has no band for the type, so the reference
+    thresholds apply."""
+
+    file_type: str | None
+    size_band: str
+    reference: str  # where the limits come from
+    reason: str  # why the size band loosens them ("" at the reference size)
+    thresholds: dict[str, Threshold]
+    tensors: dict[str, Threshold]  # the tensor check's
+
+    @property
+    def name(self) -> str:
+        return f"{self.file_type or 'reference'} / {self.size_band}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file_type": self.file_type, "size_band": self.size_band,
+                "reference": self.reference, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -72,19 +106,46 @@ class ParityContract:
     """`[parity]`: what `shipkit parity` must see for the gate to pass."""
 
     reference: str
-    required_engines: tuple[str, ...]
+    required_engines: tuple[str, ...]  # for the first (primary) file of a run
     thresholds: dict[str, Threshold]
     size_bands: tuple[SizeBand, ...] = ()
     agreement: dict[str, Threshold] = field(default_factory=dict)
     tensors: dict[str, Threshold] = field(default_factory=dict)
+    every_file_engines: tuple[str, ...] = (ENGINES[0],)  # for each further file of a run
+    reference_file_type: str | None = None  # the file type `thresholds` are written for
+    file_types: dict[str, FileTypeBand] = field(default_factory=dict)
 
-    def thresholds_for(self, parameters: int) -> tuple[str, dict[str, Threshold]]:
-        """The band that applies to a model of `parameters` (the smallest band holding it,
-        else "reference") and its thresholds: the reference ones with the band's overrides."""
+    def size_band(self, parameters: int) -> SizeBand | None:
+        """The smallest size band holding a model of `parameters`, None for the reference size."""
         for band in sorted(self.size_bands, key=lambda b: b.max_parameters):
             if parameters <= band.max_parameters:
-                return band.name, {**self.thresholds, **band.thresholds}
-        return "reference", dict(self.thresholds)
+                return band
+        return None
+
+    def thresholds_for(self, parameters: int) -> tuple[str, dict[str, Threshold]]:
+        """The size band that applies to a model of `parameters` ("reference" when none does)
+        and its thresholds for a file type the contract gives no band of its own."""
+        band = self.size_band(parameters)
+        if band is None:
+            return "reference", dict(self.thresholds)
+        return band.name, {**self.thresholds, **band.thresholds}
+
+    def band_for(self, parameters: int, file_type: str | None) -> AppliedBand:
+        """What gates a GGUF of `file_type` (e.g. "Q8_0") made from a model of `parameters`: the
+        reference thresholds, the size band's, then the file type's own and the size band's for
+        that type, each overriding the metrics it names; the tensor check's limit is the file
+        type's where it sets one."""
+        size_name, thresholds = self.thresholds_for(parameters)
+        size = self.size_band(parameters)
+        reason = size.reason if size is not None else ""
+        typed = self.file_types.get(file_type) if file_type is not None else None
+        if typed is None:
+            own = file_type if file_type is not None and file_type == self.reference_file_type else None
+            return AppliedBand(own, size_name, self.reference, reason, thresholds, dict(self.tensors))
+        thresholds |= typed.thresholds
+        if size is not None:
+            thresholds |= size.file_types.get(file_type, {})
+        return AppliedBand(file_type, size_name, typed.reference, reason, thresholds, {**self.tensors, **typed.tensors})
 
 
 @dataclass(frozen=True)
@@ -150,6 +211,18 @@ class Contract:
     release: ReleaseContract
 
 
+def file_type_name(file_type: int) -> str:
+    """A GGUF's `general.file_type` as llama-quantize names the type ("Q4_K_M", "BF16", "F32"),
+    or "unknown(N)" for a number gguf-py does not know."""
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(file_type).name
+    except ValueError:
+        return f"unknown({file_type})"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def load_contract(path: str | Path | None = None) -> Contract:
     """The packaged default contract, or `path`'s sections over it.
 
@@ -200,35 +273,89 @@ def _table(tables: dict[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 def _parse_parity(table: dict[str, Any], where: str) -> ParityContract:
-    known = {"reference", "required_engines", "thresholds", "size_bands", "agreement", "tensors"}
+    known = {"reference", "required_engines", "every_file_engines", "reference_file_type", "thresholds",
+             "size_bands", "agreement", "tensors", "file_types"}
     _reject_unknown(table, known, f"{where}: [parity]")
-    engines = tuple(table.get("required_engines", ENGINES))
-    bad = [engine for engine in engines if engine not in ENGINES]
-    if bad:
-        raise InputError(f"{where}: field parity.required_engines: unknown engine(s) {bad} (known: {list(ENGINES)})")
     bands = []
     for index, band in enumerate(table.get("size_bands", [])):
         label = f"parity.size_bands[{index}]"
-        _reject_unknown(band, {"name", "max_parameters", "reason", "thresholds"}, f"{where}: [{label}]")
+        _reject_unknown(band, {"name", "max_parameters", "reason", "thresholds", "file_types"}, f"{where}: [{label}]")
         for key in ("name", "max_parameters", "reason"):
             if key not in band:
                 raise InputError(f"{where}: field {label}.{key}: missing")
+        types = _file_type_tables(band, f"{label}.file_types", where)
         bands.append(
             SizeBand(
                 name=str(band["name"]),
                 max_parameters=int(band["max_parameters"]),
                 reason=str(band["reason"]),
                 thresholds=_thresholds(band.get("thresholds", {}), PARITY_METRICS, f"{label}.thresholds", where),
+                file_types={name: _thresholds(entry, PARITY_METRICS, f"{label}.file_types.{name}", where)
+                            for name, entry in types.items()},
             )
         )
+    file_types = {}
+    for name, entry in _file_type_tables(table, "parity.file_types", where).items():
+        label = f"parity.file_types.{name}"
+        _reject_unknown(entry, {"reference", "thresholds", "tensors"}, f"{where}: field {label}")
+        if not str(entry.get("reference", "")).strip():
+            raise InputError(f"{where}: field {label}.reference: every file type band names its source")
+        file_types[name] = FileTypeBand(
+            reference=str(entry["reference"]),
+            thresholds=_thresholds(entry.get("thresholds", {}), PARITY_METRICS, f"{label}.thresholds", where),
+            tensors=_thresholds(entry.get("tensors", {}), TENSOR_METRICS, f"{label}.tensors", where))
     return ParityContract(
         reference=str(table.get("reference", "")),
-        required_engines=engines,
+        required_engines=_engines(table, "required_engines", ENGINES, where),
         thresholds=_thresholds(table.get("thresholds", {}), PARITY_METRICS, "parity.thresholds", where),
         size_bands=tuple(bands),
         agreement=_thresholds(table.get("agreement", {}), AGREEMENT_METRICS, "parity.agreement", where),
         tensors=_thresholds(table.get("tensors", {}), TENSOR_METRICS, "parity.tensors", where),
+        every_file_engines=_engines(table, "every_file_engines", (ENGINES[0],), where),
+        reference_file_type=_reference_file_type(table, where),
+        file_types=file_types,
     )
+
+
+def _engines(table: dict[str, Any], key: str, default: tuple[str, ...], where: str) -> tuple[str, ...]:
+    engines = tuple(table.get(key, default))
+    bad = [engine for engine in engines if engine not in ENGINES]
+    if bad:
+        raise InputError(f"{where}: field parity.{key}: unknown engine(s) {bad} (known: {list(ENGINES)})")
+    return engines
+
+
+def _reference_file_type(table: dict[str, Any], where: str) -> str | None:
+    name = table.get("reference_file_type")
+    if name is None:
+        return None
+    if str(name) not in _known_file_types():
+        raise InputError(f"{where}: field parity.reference_file_type: unknown GGUF file type {name!r}")
+    return str(name)
+
+
+def _known_file_types() -> set[str]:
+    """Every GGUF file type as llama-quantize names it."""
+    import gguf
+
+    return {file_type_name(member) for member in gguf.LlamaFileType if member != gguf.LlamaFileType.GUESSED}
+
+
+def _file_type_tables(table: dict[str, Any], label: str, where: str) -> dict[str, dict[str, Any]]:
+    """`table["file_types"]`, each key a GGUF file type as llama-quantize names it and each value
+    a table: a misspelt type would silently never apply, so it is an error."""
+    types = table.get("file_types", {})
+    if not isinstance(types, dict):
+        raise InputError(f"{where}: field {label}: expected a table of file types")
+    if not types:
+        return {}
+    known = _known_file_types()
+    for name, entry in types.items():
+        if name not in known:
+            raise InputError(f"{where}: field {label}.{name}: unknown GGUF file type (known: {', '.join(sorted(known))})")
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: field {label}.{name}: expected a table")
+    return types
 
 
 def _parse_train(table: dict[str, Any], where: str) -> TrainContract:

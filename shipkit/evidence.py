@@ -12,12 +12,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
-from shipkit.errors import IntegrityError, InputError
+from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import write_json
+from shipkit.layout import RunDir
 
-EVIDENCE_DIR = "evidence"
+# The evidence files, by schema name (RUN_DIR/evidence/<name>.json, shipkit/schemas/<name>.schema.json).
+TRAINING_EVIDENCE = "training-summary"
+PARITY_EVIDENCE = "parity"
+RELEASE_EVIDENCE = "release"
+GATES_EVIDENCE = "gates"
+
+# The verdict of a check, of a group of checks and of parity.json and gates.json as a whole.
+PASS, FAIL, SKIPPED = "PASS", "FAIL", "SKIPPED"
+# A release gate's status (docs/gates.md): the evidence proves the claim; is incomplete but
+# contradicts nothing; contradicts it or is missing.
+DISCHARGED, PARTIAL, FAILED = "DISCHARGED", "PARTIAL", "FAILED"
+GATE_STATUSES = (DISCHARGED, PARTIAL, FAILED)
 
 
 @cache
@@ -28,6 +38,9 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 def check_against_schema(data: Any, schema_name: str, where: str) -> None:
+    # Imported here: the names above are read by modules the CLI loads at start-up.
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(load_schema(schema_name))
     error = next(iter(sorted(validator.iter_errors(data), key=lambda e: list(e.path))), None)
     if error is not None:
@@ -36,7 +49,7 @@ def check_against_schema(data: Any, schema_name: str, where: str) -> None:
 
 
 def evidence_path(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / EVIDENCE_DIR / f"{name}.json"
+    return RunDir(Path(run_dir)).evidence(name)
 
 
 def write_evidence(run_dir: str | Path, name: str, data: dict[str, Any]) -> Path:

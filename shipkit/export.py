@@ -1,6 +1,6 @@
 """Export an APR checkpoint as a Hugging Face model folder that transformers loads as is.
 
-The folder holds `config.json` (written so transformers v4 and v5 both read it), the weights as
+The folder holds `config.json` (`ModelConfig.to_hf`, which transformers v4 and v5 both read), the weights as
 `model.safetensors` (or shards plus `model.safetensors.index.json`), the tokenizer files and
 `generation_config.json`. An imported model's tokenizer files (tokenizer_config.json with its chat
 template, special_tokens_map.json, chat_template.jinja) are written back as they came. Tensor names
@@ -22,19 +22,18 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from shipkit.apr import AprCheckpoint, checked_tokenizer_name, read_apr
+from shipkit.apr import AprCheckpoint, read_apr
 from shipkit.apr.convert import write_safetensors
 from shipkit.apr.format import CONVERSION_DTYPES
-from shipkit.errors import InputError, IntegrityError
+from shipkit.errors import InputError
 from shipkit.fsutil import (
     atomic_write,
     check_folder_target,
     is_temp_name,
     replaced_folder,
-    sha256_file,
     write_json,
 )
-from shipkit.model import ModelConfig
+from shipkit.layout import TOKENIZER_FILE, find_tokenizer
 from shipkit.tokenizer_contract import (
     CARRIED_FILES,
     SPECIAL_TOKENS_MAP_FILE,
@@ -47,16 +46,10 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Every name an export may write; an earlier export's files under these names are not carried over.
 EXPORT_FILE_NAMES = frozenset({CONFIG_FILE, GENERATION_CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX,
                                TOKENIZER_FILE, *CARRIED_FILES, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE})
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# Values HF configs carry that our ModelConfig fixes by construction.
-INITIALIZER_RANGE = 0.02  # std of shipkit.model.CausalLM._init_weights
-HIDDEN_ACT = "silu"  # SwiGLU gate
 
 
 @dataclass
@@ -67,6 +60,10 @@ class ExportReport:
     tensor_count: int
     total_bytes: int  # tensor bytes over all shards (the index's metadata.total_size)
     dtype: str  # the weights' dtype, as config.json names it ("bfloat16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "files": self.files, "shards": self.shards,
+                "tensors": self.tensor_count, "tensor_bytes": self.total_bytes, "dtype": self.dtype}
 
 
 def export_hf(
@@ -81,8 +78,8 @@ def export_hf(
     """Write `out_dir` as an HF folder from the APR weights file `ckpt_path`, the weights in
     `dtype` (default: the checkpoint's own, which must then be one dtype).
 
-    The tokenizer defaults to the `tokenizer.json` the APR metadata names, looked up beside the
-    checkpoint and then in its parent (a run folder keeps it at `RUN_DIR/tokenizer.json`); its
+    The tokenizer is `tokenizer_path` or the one the APR metadata names, found beside the
+    checkpoint and then in its parent (`shipkit.layout.find_tokenizer`, as quantize finds it); its
     sha256 must equal the one recorded in the checkpoint. The new folder replaces `out_dir` only
     once complete (shipkit.fsutil.replaced_folder); files of an existing `out_dir` that export
     does not write (a README.md, a .git) are kept unless `keep_other_files` is False.
@@ -93,12 +90,12 @@ def export_hf(
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
     if max_shard_bytes < 1:
         raise InputError(f"max_shard_bytes: must be positive, got {max_shard_bytes}")
-    check_folder_target(out_dir, "--hf")
+    check_folder_target(out_dir, "out_dir")
     checkpoint = read_apr(ckpt_path)
     if checkpoint.metadata.get("kind") != "weights" or checkpoint.config is None:
         raise InputError(f"{ckpt_path}: not a weights checkpoint with a model config (kind "
                          f"{checkpoint.metadata.get('kind')!r}); export best.apr or epoch-NNN.apr")
-    tokenizer_src = _find_tokenizer(ckpt_path, checkpoint.metadata, tokenizer_path)
+    tokenizer_src = find_tokenizer(ckpt_path, checkpoint.metadata, tokenizer_path)
     dtype = dtype or _common_dtype(checkpoint.tensors, ckpt_path)
     with replaced_folder(out_dir) as staging:
         files, total_bytes = _write_folder(checkpoint, tokenizer_src, dtype, staging, max_shard_bytes)
@@ -117,7 +114,7 @@ def _write_folder(checkpoint: AprCheckpoint, tokenizer_src: Path, dtype: torch.d
     tokenizer = Tokenizer.from_file(str(tokenizer_src))
     bos, eos = _token_text(tokenizer, config.bos_token_id), _token_text(tokenizer, config.eos_token_id)
     weight_files, total_bytes = _write_weights(checkpoint.tensors, dtype, folder, max_shard_bytes)
-    write_json(folder / CONFIG_FILE, hf_config(config, dtype))
+    write_json(folder / CONFIG_FILE, config.to_hf(dtype_name(dtype)))
     write_json(folder / GENERATION_CONFIG_FILE, {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
@@ -169,48 +166,6 @@ def _link_or_copy(source: str | Path, destination: str | Path) -> None:
         shutil.copy2(source, destination)
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json for `config`: v5 names (`rope_parameters`, `dtype`) beside the v4 ones
-    (`rope_theta`, `rope_scaling`, `torch_dtype`), each version ignoring the keys it does not
-    know (both read a set `rope_scaling` first, so the two RoPE entries say the same)."""
-    data: dict[str, Any] = {
-        "architectures": [HF_ARCHITECTURES[config.architecture]],
-        "model_type": config.architecture,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": HIDDEN_ACT,
-        "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": INITIALIZER_RANGE,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
-        "rope_parameters": {"rope_type": "default", **(config.rope_scaling or {}),
-                            "rope_theta": config.rope_theta},
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "use_cache": True,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "torch_dtype": dtype_name(dtype),
-        "dtype": dtype_name(dtype),
-    }
-    if config.architecture == "llama":
-        data |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
-    elif config.architecture == "mistral":
-        data |= {"sliding_window": None}
-    else:
-        data |= {"use_sliding_window": False, "sliding_window": None,
-                 "max_window_layers": config.num_hidden_layers}
-    if config.architecture == "qwen3":
-        data |= {"attention_bias": False}
-    return data
-
-
 def _write_weights(
     tensors: dict[str, torch.Tensor], dtype: torch.dtype, out_dir: Path, max_shard_bytes: int
 ) -> tuple[list[str], int]:
@@ -242,22 +197,6 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
     return write_safetensors(path, tensors, {"format": "pt"}, dtype=dtype)
 
 
-def _find_tokenizer(ckpt_path: Path, metadata: dict[str, Any], given: str | Path | None) -> Path:
-    recorded = metadata.get("tokenizer") or {}
-    if given is not None:
-        candidates = [Path(given)]
-    else:
-        file_name = checked_tokenizer_name(metadata)
-        candidates = [ckpt_path.parent / file_name, ckpt_path.parent.parent / file_name]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise InputError(f"{candidates[0]}: tokenizer not found (pass tokenizer_path / --tokenizer)")
-    expected = recorded.get("sha256")
-    if expected and sha256_file(found) != expected:  # empty: not recorded
-        raise IntegrityError(f"{found}: sha256 differs from the tokenizer recorded in {ckpt_path.name}")
-    return found
-
-
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     text = tokenizer.id_to_token(token_id)
     if text is None:
@@ -270,7 +209,7 @@ def _common_dtype(tensors: dict[str, torch.Tensor], where: Path) -> torch.dtype:
     if len(dtypes) != 1:
         names = sorted(map(dtype_name, dtypes))
         raise InputError(f"{where}: mixed floating dtypes {names}; config.json names one, so pass "
-                         f"--dtype ({', '.join(CONVERSION_DTYPES)})")
+                         f"dtype ({', '.join(CONVERSION_DTYPES)})")
     return dtypes.pop()
 
 

@@ -184,17 +184,19 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_file_target(path: Path, option: str | None = None) -> None:
-    """Refuse (InputError) a file to write that is an existing folder or lies under a file."""
-    label = f"{option} {path}" if option else str(path)
+def check_file_target(path: Path, field: str | None = None) -> None:
+    """Refuse (InputError) a file to write that is an existing folder or lies under a file; the
+    message begins with `field` (the parameter, or the command line's flag, that gave `path`)."""
+    label = f"{field} {path}" if field else str(path)
     if path.is_dir():
         raise InputError(f"{label}: is a folder; give a file path")
     _check_parents(path, label)
 
 
-def check_folder_target(path: Path, option: str | None = None) -> None:
-    """Refuse (InputError) a folder to write that is an existing file or lies under a file."""
-    label = f"{option} {path}" if option else str(path)
+def check_folder_target(path: Path, field: str | None = None) -> None:
+    """Refuse (InputError) a folder to write that is an existing file or lies under a file; the
+    message begins with `field` as in `check_file_target`."""
+    label = f"{field} {path}" if field else str(path)
     if os.path.lexists(path) and not path.is_dir():
         raise InputError(f"{label}: is a file; give a folder")
     _check_parents(path, label)
@@ -304,11 +306,11 @@ def confined_name(name: str, where: str) -> str:
     return name
 
 
-def make_out_dir(out_dir: Path) -> None:
-    """Create the `--out` folder, or say in one line why it cannot be one (a file, a path under a
-    file, no permission)."""
-    check_folder_target(out_dir, "--out")
+def make_out_dir(out_dir: Path, field: str = "out_dir") -> None:
+    """Create the `out_dir` folder, or say in one line, beginning with `field`, why it cannot be
+    one (a file, a path under a file, no permission)."""
+    check_folder_target(out_dir, field)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"--out {out_dir}: cannot create the folder ({error.strerror})") from None
+        raise InputError(f"{field} {out_dir}: cannot create the folder ({error.strerror})") from None

@@ -19,32 +19,43 @@ from typing import Any
 
 from shipkit import __version__
 from shipkit.apr import inspect_apr, validate_apr
+from shipkit.config import ModelConfig
 from shipkit.contract import Contract, Threshold, load_contract
 from shipkit.errors import InputError, IntegrityError, ShipkitError
-from shipkit.evidence import evidence_path, read_evidence, write_evidence
+from shipkit.evidence import (
+    DISCHARGED,
+    FAIL,
+    FAILED,
+    GATE_STATUSES,
+    GATES_EVIDENCE,
+    PARITY_EVIDENCE,
+    PARTIAL,
+    PASS,
+    RELEASE_EVIDENCE,
+    SKIPPED,
+    TRAINING_EVIDENCE,
+    evidence_path,
+    read_evidence,
+    write_evidence,
+)
 from shipkit.fsutil import sha256_file
-from shipkit.model import ModelConfig
+from shipkit.layout import RunDir
 from shipkit.predict import CONFIRMED, FALSIFIED
 
 SCHEMA_VERSION = 1
-GATES_EVIDENCE = "gates"
 CATEGORIES = ("TRAIN", "CHECKPOINT", "PARITY", "CARD", "RELEASE", "FALSIFIERS")
-DISCHARGED, PARTIAL, FAILED = "DISCHARGED", "PARTIAL", "FAILED"
-STATUSES = (DISCHARGED, PARTIAL, FAILED)
-DEFAULT_CHECKPOINT = "ckpt/best.apr"
-CARD_FILE = "release/card/README.md"
-GGUF_CARD_FILE = "release/card/gguf/README.md"
-HF_DIR = "release/hf"
-GGUF_DIR = "release/gguf"
-TRAINING = "evidence/training-summary.json"
-PARITY = "evidence/parity.json"
-RELEASE = "evidence/release.json"
+# The evidence files the gates quote, relative to RUN_DIR.
+TRAINING = RunDir.evidence_file(TRAINING_EVIDENCE)
+PARITY = RunDir.evidence_file(PARITY_EVIDENCE)
+RELEASE = RunDir.evidence_file(RELEASE_EVIDENCE)
 UNKNOWN_LICENSE = "unknown"  # what `shipkit import` records when the upstream names none
 IMPORTED = "imported model: not trained here"
 # Per training-summary verdict: what it makes of the gate.
 CONVERGENCE_STATUS = {"converging": DISCHARGED, "plateaued": DISCHARGED, "insufficient-epochs": PARTIAL,
                       "worsening": FAILED, "diverged": FAILED}
 MEMORIZATION_STATUS = {"healthy": DISCHARGED, "overfitting": FAILED, "memorization-suspect": FAILED}
+# Per verdict of a parity check group: what it makes of the gate.
+VERDICT_STATUS = {PASS: DISCHARGED, FAIL: FAILED, SKIPPED: PARTIAL}
 TRAIN_GATES = ("train.completed", "train.val_loss_decreasing", "train.convergence", "train.memorization",
                "train.wraps")
 
@@ -82,6 +93,7 @@ class Loaded:
 @dataclass
 class RunView:
     run_dir: Path
+    files: RunDir
     contract: Contract
     checkpoint: str  # relative to run_dir
     training: Loaded
@@ -118,15 +130,16 @@ def load_run(run_dir: Path, contract: Contract, checkpoint: str) -> RunView:
     metadata, problem, shapes = None, None, []
     path = run_dir / checkpoint
     if not path.is_file():
-        problem = f"{checkpoint} not found (train into RUN_DIR, or `shipkit import` to RUN_DIR/{DEFAULT_CHECKPOINT})"
+        problem = f"{checkpoint} not found (train into RUN_DIR, or `shipkit import` to RUN_DIR/{RunDir.BEST})"
     else:
         try:
             index = inspect_apr(path)
             metadata, shapes = index.metadata, [info.shape for info in index.tensors]
         except ShipkitError as error:
             problem = str(error)
-    return RunView(run_dir, contract, checkpoint, _load_evidence(run_dir, "training-summary"),
-                   _load_evidence(run_dir, "parity"), _load_evidence(run_dir, "release"), metadata, problem, shapes)
+    return RunView(run_dir, RunDir(run_dir), contract, checkpoint, _load_evidence(run_dir, TRAINING_EVIDENCE),
+                   _load_evidence(run_dir, PARITY_EVIDENCE), _load_evidence(run_dir, RELEASE_EVIDENCE), metadata,
+                   problem, shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +335,8 @@ def parity_gates(view: RunView) -> list[Gate]:
     if parity is None:
         detail = view.parity.problem or f"{PARITY} not found: run `shipkit parity CKPT GGUF --run-dir RUN_DIR`"
         return [Gate("parity.evidence", "PARITY", FAILED, detail)]
-    gates = [_parity_measured_release(view, parity), _parity_contract(view, parity)]
+    released = {path: sha256_file(path) for path in _gguf_files(view.files)}
+    gates = [_parity_measured_release(view, parity, released), _parity_contract(view, parity)]
     for engine in parity["contract"]["required_engines"]:
         ran = engine in parity["engines"]
         gates.append(Gate(f"parity.engine.{engine}", "PARITY", DISCHARGED if ran else FAILED,
@@ -332,26 +346,28 @@ def parity_gates(view: RunView) -> list[Gate]:
         for metric, check in sorted(section["checks"].items()):
             gates.append(_parity_check(f"parity.{engine}.{metric}", f"engines.{engine}.checks.{metric}", check))
     agreement = parity["agreement"]
-    status = {"PASS": DISCHARGED, "FAIL": FAILED, "SKIPPED": PARTIAL}[agreement["verdict"]]
+    status = VERDICT_STATUS[agreement["verdict"]]
     gates.append(Gate("parity.agreement", "PARITY", status, agreement["side"] or agreement["note"],
                       [ref(PARITY, "agreement.verdict", agreement["verdict"]),
                        *(ref(PARITY, f"agreement.metrics.{m}", c["value"]) for m, c in agreement["checks"].items())]))
     tensors = parity["tensors"]
     worst = tensors["worst"][0] if tensors["worst"] else None
-    gates.append(Gate("parity.tensors", "PARITY", DISCHARGED if tensors["verdict"] == "PASS" else FAILED,
+    gates.append(Gate("parity.tensors", "PARITY", DISCHARGED if tensors["verdict"] == PASS else FAILED,
                       "; ".join(entry["cause"] for entry in tensors["flagged"]) or "every tensor within rel_rmse",
                       [ref(PARITY, "tensors.worst[0]", worst)]))
     gates.append(_parity_tokenizer(parity["tokenizer"]))
-    return gates
+    gates += _parity_file_gates(view, parity, released)
+    imatrix = _imatrix_calibration(view, parity, released)
+    return gates + ([imatrix] if imatrix is not None else [])
 
 
 def _parity_tokenizer(tokenizer: dict[str, Any]) -> Gate:
     """llama.cpp reading the GGUF tokenizes the val text, adds BOS/EOS and renders the chat
     template as the HF tokenizer does."""
-    status = {"PASS": DISCHARGED, "FAIL": FAILED, "SKIPPED": PARTIAL}[tokenizer["verdict"]]
-    if tokenizer["verdict"] == "SKIPPED":
+    status = VERDICT_STATUS[tokenizer["verdict"]]
+    if tokenizer["verdict"] == SKIPPED:
         return Gate("parity.tokenizer", "PARITY", status, tokenizer["note"],
-                    [ref(PARITY, "tokenizer.verdict", "SKIPPED")])
+                    [ref(PARITY, "tokenizer.verdict", SKIPPED)])
     documents = tokenizer["documents"]
     detail = (f"{documents['documents_compared'] - documents['documents_differing']}/"
               f"{documents['documents_compared']} val documents tokenized alike "
@@ -361,7 +377,7 @@ def _parity_tokenizer(tokenizer: dict[str, Any]) -> Gate:
     if first is not None:
         detail += f"; first difference in document {first['document']} at token {first['position']}: {first['text']!r}"
     chat = tokenizer["chat_template"]
-    if chat["verdict"] == "FAIL" or chat.get("builtin_first_difference") is not None:
+    if chat["verdict"] == FAIL or chat.get("builtin_first_difference") is not None:
         detail += f"; chat template: {chat['note']}"
     return Gate("parity.tokenizer", "PARITY", status, detail,
                 [ref(PARITY, "tokenizer.verdict", tokenizer["verdict"]),
@@ -371,28 +387,142 @@ def _parity_tokenizer(tokenizer: dict[str, Any]) -> Gate:
 def _parity_check(gate_id: str, field_name: str, check: dict[str, Any]) -> Gate:
     sign = "<=" if check["direction"] == "max" else ">="
     value = "n/a" if check["value"] is None else f"{check['value']:.6g}"
-    return Gate(gate_id, "PARITY", DISCHARGED if check["verdict"] == "PASS" else FAILED,
+    return Gate(gate_id, "PARITY", DISCHARGED if check["verdict"] == PASS else FAILED,
                 f"{value} {sign} {check['limit']:g}: {check['reason']}",
                 [ref(PARITY, f"{field_name}.value", check["value"])])
 
 
-def _parity_measured_release(view: RunView, parity: dict[str, Any]) -> Gate:
+def _parity_measured_release(view: RunView, parity: dict[str, Any], released: dict[Path, str]) -> Gate:
     """Parity measured this checkpoint and one of the released GGUF files, not other bytes."""
     evidence = [ref(PARITY, "base.sha256", parity["base"]["sha256"]),
                 ref(PARITY, "quant.sha256", parity["quant"]["sha256"])]
     problems = []
     if view.checkpoint_problem is None and sha256_file(view.run_dir / view.checkpoint) != parity["base"]["sha256"]:
         problems.append(f"its base is not {view.checkpoint}")
-    released = {sha256_file(path) for path in _gguf_files(view.run_dir)}
-    if released and parity["quant"]["sha256"] not in released:
-        problems.append(f"its GGUF is none of {GGUF_DIR}/*.gguf")
+    if released and parity["quant"]["sha256"] not in released.values():
+        problems.append(f"its GGUF is none of {RunDir.RELEASE_GGUF}/*.gguf")
     if problems:
         return Gate("parity.measured_release", "PARITY", FAILED, "; ".join(problems) + ": re-run `shipkit parity`",
                     evidence)
     if not released:
         return Gate("parity.measured_release", "PARITY", PARTIAL,
-                    f"the checkpoint matches; {GGUF_DIR} holds no GGUF yet", evidence)
+                    f"the checkpoint matches; {RunDir.RELEASE_GGUF} holds no GGUF yet", evidence)
     return Gate("parity.measured_release", "PARITY", DISCHARGED, "the checkpoint and a released GGUF", evidence)
+
+
+def _parity_file_gates(view: RunView, parity: dict[str, Any], released: dict[Path, str]) -> list[Gate]:
+    """`parity.file.<name>`: one line per file of a run over several files, FAILED when the file
+    failed under its band; and every released GGUF must have been measured, so a released model
+    file parity did not score is a FAILED line of its own (a released imatrix is not a model)."""
+    gates = {}
+    for index, entry in enumerate(parity.get("files", [])):
+        gates[entry["name"]] = _parity_file(index, entry)
+    measured = {parity["quant"]["sha256"], *(entry["sha256"] for entry in parity.get("files", []))}
+    for path, sha256 in released.items():
+        if sha256 in measured or _is_imatrix(path):
+            continue
+        relative = view.files.relative(path)
+        gates[path.name] = Gate(f"parity.file.{path.name}", "PARITY", FAILED,
+                                f"{relative} is released but parity did not measure these bytes: run `shipkit "
+                                f"parity CKPT {RunDir.RELEASE_GGUF}/*.gguf --run-dir RUN_DIR`",
+                                [ref(relative, "sha256", sha256)])
+    return list(gates.values())
+
+
+def _parity_file(index: int, entry: dict[str, Any]) -> Gate:
+    metrics, field_name = entry["metrics"] or {}, f"files[{index}]"
+
+    def shown(metric: str, fmt: str) -> str:
+        value = metrics.get(metric)
+        return "n/a" if value is None else format(value, fmt)
+
+    detail = (f"{entry['file_type']}, {entry['bits_per_weight']:.2f} bpw, imatrix {'yes' if entry['imatrix'] else 'no'}: "
+              f"KL mean {shown('kl_mean', '.3g')}, same-top {shown('same_top_pct', '.2f')}%, PPL ratio "
+              f"{shown('ppl_ratio', '.5f')} under band {entry['band']['name']}")
+    if entry["failed"]:
+        detail += f"; failed {', '.join(entry['failed'])}"
+    return Gate(f"parity.file.{entry['name']}", "PARITY", DISCHARGED if entry["verdict"] == PASS else FAILED, detail,
+                [ref(PARITY, f"{field_name}.verdict", entry["verdict"]), ref(PARITY, f"{field_name}.sha256", entry["sha256"])])
+
+
+def _is_imatrix(path: Path) -> bool:
+    """Whether a .gguf holds an importance matrix (general.type "imatrix"), not a model."""
+    from shipkit.imatrix.format import IMATRIX_TYPE
+    from shipkit.quantize.gguf_load import open_gguf
+
+    try:
+        field = open_gguf(path).fields.get("general.type")
+    except ShipkitError:
+        return False  # not readable: the release gates report it; here it stays an unmeasured model
+    return field is not None and field.contents() == IMATRIX_TYPE
+
+
+def _made_with(record: dict[str, Any], matrix: Any) -> bool:
+    """Whether a GGUF's llama-quantize keys describe `matrix`: the same entry count, and its dataset
+    name (which llama-quantize cuts to 127 bytes) the start of the matrix's first."""
+    dataset = matrix.datasets[0] if matrix.datasets else None
+    same_dataset = (record["dataset"] is None and dataset is None) or (
+        record["dataset"] is not None and dataset is not None and dataset.encode().startswith(record["dataset"].encode()))
+    return same_dataset and record["entries"] in (None, len(matrix.importance))
+
+
+def _imatrix_calibration(view: RunView, parity: dict[str, Any], released: dict[Path, str]) -> Gate | None:
+    """`quantize.imatrix_calibration`: an imatrix behind a released GGUF was computed off the val
+    split the parity gate scores. Read from each GGUF's llama-quantize keys (its dataset names the
+    calibration split by hash) and from the imatrix file released beside it (its calibration
+    record); absent when no released file was made with an imatrix."""
+    from shipkit.imatrix import load_imatrix
+    from shipkit.imatrix.format import split_sha256
+    from shipkit.parity.gguf_facts import dataset_split, imatrix_keys
+    from shipkit.quantize.gguf_load import open_gguf
+    from shipkit.tokenize import read_manifest
+
+    used = {}
+    for path in released:
+        try:
+            record = imatrix_keys(open_gguf(path))
+        except ShipkitError:
+            continue  # an unreadable GGUF fails its release gate
+        if record is not None:
+            used[path] = record
+    if not used:
+        return None
+    gate_id, tokens_dir = "quantize.imatrix_calibration", Path(parity["tokens"]["tokens_dir"])
+    evidence = [ref(view.files.relative(path), "quantize.imatrix.dataset", record["dataset"])
+                for path, record in used.items()]
+    try:
+        val_sha256 = split_sha256(read_manifest(tokens_dir), "val")
+    except ShipkitError as error:
+        return Gate(gate_id, "PARITY", PARTIAL, f"the val split parity scored cannot be read: {error}", evidence)
+    failures, unconfirmed = [], []
+    for path, record in used.items():
+        relative, split = view.files.relative(path), dataset_split(record["dataset"])
+        if split is not None and (split[0] != "train" or split[1] == val_sha256):
+            failures.append(f"{relative}: its imatrix dataset {record['dataset']!r} is not the train split")
+            continue
+        beside = path.parent / record["file"] if record["file"] else None
+        if beside is None or not beside.is_file():
+            (unconfirmed if split is not None else failures).append(
+                f"{relative}: its imatrix {record['file']!r} is not released beside it"
+                + ("" if split is not None else ", and its dataset does not name a split"))
+            continue
+        try:
+            matrix = load_imatrix(beside)
+            matrix.check_not_val(tokens_dir)
+        except ShipkitError as error:
+            failures.append(str(error))
+            continue
+        if not _made_with(record, matrix):
+            failures.append(f"{relative}: {view.files.relative(beside)} is not the imatrix it was made with "
+                            f"(dataset or entry count differs)")
+    if failures:
+        return Gate(gate_id, "PARITY", FAILED, "; ".join(failures), evidence)
+    if unconfirmed:
+        return Gate(gate_id, "PARITY", PARTIAL, "the datasets name the train split, but " + "; ".join(unconfirmed),
+                    evidence)
+    return Gate(gate_id, "PARITY", DISCHARGED,
+                f"{len(used)} released file(s) made with an imatrix computed on the train split, not the val split "
+                f"parity scored (sha256 {val_sha256[:12]}…)", evidence)
 
 
 def _parity_contract(view: RunView, parity: dict[str, Any]) -> Gate:
@@ -422,12 +552,12 @@ def _card_data(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def card_gates(view: RunView) -> list[Gate]:
-    data, problem = _card_data(view.run_dir / CARD_FILE)
+    data, problem = _card_data(view.files.card)
     ids = ("card.exists", "card.fields", "card.numbers", "card.evidence_current")
     if data is None:
-        return [Gate(gate_id, "CARD", FAILED, f"{CARD_FILE}: {problem}") for gate_id in ids]
+        return [Gate(gate_id, "CARD", FAILED, f"{RunDir.CARD}: {problem}") for gate_id in ids]
     gates = [Gate("card.exists", "CARD", DISCHARGED, "parses with huggingface_hub ModelCard",
-                  [ref(CARD_FILE, "front matter keys", sorted(data))])]
+                  [ref(RunDir.CARD, "front matter keys", sorted(data))])]
     required = view.contract.card.required_fields
     if required is None:
         gates.append(Gate("card.fields", "CARD", PARTIAL, "the contract names no card.required_fields"))
@@ -435,7 +565,7 @@ def card_gates(view: RunView) -> list[Gate]:
         missing = [key for key in required.value if data.get(key) in (None, "", [])]
         gates.append(Gate("card.fields", "CARD", FAILED if missing else DISCHARGED,
                           f"missing {missing}" if missing else f"all of {list(required.value)}: {required.reason}",
-                          [ref(CARD_FILE, key, data.get(key)) for key in required.value]))
+                          [ref(RunDir.CARD, key, data.get(key)) for key in required.value]))
     gates.append(_card_numbers(view, data))
     gates.append(_card_evidence_current(view))
     return gates
@@ -449,16 +579,16 @@ def _card_numbers(view: RunView, data: dict[str, Any]) -> Gate:
     if training is not None and training["summary"]["best_val_loss"] is not None:
         best = training["summary"]["best_val_loss"]
         stated = _metric_values(data).get("loss")
-        evidence += [ref(TRAINING, "summary.best_val_loss", best), ref(CARD_FILE, "model-index loss", stated)]
-        text = (view.run_dir / CARD_FILE).read_text(encoding="utf-8")
+        evidence += [ref(TRAINING, "summary.best_val_loss", best), ref(RunDir.CARD, "model-index loss", stated)]
+        text = view.files.card.read_text(encoding="utf-8")
         if stated != [best] or f"{best:.4f}" not in text:
             mismatches.append(f"the card does not state best val loss {best!r}")
-    gguf_data, _ = _card_data(view.run_dir / GGUF_CARD_FILE)
+    gguf_data, _ = _card_data(view.files.gguf_card)
     if view.parity.data is not None and gguf_data is not None:
         stated = _metric_values(gguf_data).get("kl_mean", [])
         measured = [section["metrics"]["kl_mean"] for _, section in sorted(view.parity.data["engines"].items())]
         evidence += [ref(PARITY, "engines.*.metrics.kl_mean", measured),
-                     ref(GGUF_CARD_FILE, "model-index kl_mean", stated)]
+                     ref(RunDir.GGUF_CARD, "model-index kl_mean", stated)]
         if sorted(stated) != sorted(value for value in measured if value is not None):
             mismatches.append("the GGUF card's kl_mean differs from the parity evidence")
     if mismatches:
@@ -484,7 +614,7 @@ def _card_evidence_current(view: RunView) -> Gate:
                     view.release.problem or f"{RELEASE} not found: run `shipkit card`")
     evidence, stale = [], []
     for name, recorded in sorted(view.release.data["evidence"].items()):
-        path = evidence_path(view.run_dir, name)
+        path = view.files.evidence(name)
         current = sha256_file(path) if path.is_file() else None
         evidence.append(ref(RELEASE, f"evidence.{name}", recorded))
         if current != recorded:
@@ -509,11 +639,11 @@ def release_gates(view: RunView) -> list[Gate]:
 
 
 def _license(view: RunView) -> Gate:
-    data, problem = _card_data(view.run_dir / CARD_FILE)
+    data, problem = _card_data(view.files.card)
     if data is None:
-        return Gate("release.license", "RELEASE", FAILED, f"{CARD_FILE}: {problem}")
+        return Gate("release.license", "RELEASE", FAILED, f"{RunDir.CARD}: {problem}")
     license_id = data.get("license")
-    evidence = [ref(CARD_FILE, "license", license_id)]
+    evidence = [ref(RunDir.CARD, "license", license_id)]
     upstream = (view.source or {}).get("license")
     if upstream is not None:
         evidence.append(ref(view.checkpoint, "producer.source.license", upstream))
@@ -529,8 +659,8 @@ def _license(view: RunView) -> Gate:
     return Gate("release.license", "RELEASE", DISCHARGED, f"{license_id}", evidence)
 
 
-def _gguf_files(run_dir: Path) -> list[Path]:
-    folder = run_dir / GGUF_DIR
+def _gguf_files(files: RunDir) -> list[Path]:
+    folder = files.release_gguf
     return sorted(folder.glob("*.gguf")) if folder.is_dir() else []
 
 
@@ -546,8 +676,8 @@ def _gguf_gate(view: RunView, file_type: str, reason: str) -> Gate:
     architecture = (view.metadata or {}).get("config", {}).get("architecture")
     architecture = GGUF_ARCHITECTURES.get(architecture, architecture)  # mistral runs as llama
     seen = []
-    for path in _gguf_files(view.run_dir):
-        relative = path.relative_to(view.run_dir).as_posix()
+    for path in _gguf_files(view.files):
+        relative = view.files.relative(path)
         try:
             reader = open_gguf(path)
             found_type = int(reader.fields["general.file_type"].contents())
@@ -559,10 +689,10 @@ def _gguf_gate(view: RunView, file_type: str, reason: str) -> Gate:
         if found_type == wanted and found_arch == architecture:
             return Gate(gate_id, "RELEASE", DISCHARGED, f"{relative}: {reason}", evidence)
         seen.append(f"{relative}: file_type {found_type}, {found_arch}")
-    found = "; ".join(seen) or f"{GGUF_DIR} holds no .gguf"
+    found = "; ".join(seen) or f"{RunDir.RELEASE_GGUF} holds no .gguf"
     return Gate(gate_id, "RELEASE", FAILED,
                 f"no {file_type} GGUF (file_type {wanted}) of a {architecture} model: {found}; "
-                f"run `shipkit quantize CKPT --q4k --out {GGUF_DIR}/`", [])
+                f"run `shipkit quantize CKPT --q4k --out {RunDir.RELEASE_GGUF}/`", [])
 
 
 def _hf_folder(view: RunView) -> Gate:
@@ -570,7 +700,7 @@ def _hf_folder(view: RunView) -> Gate:
     architecture, and the safetensors hold as many tensors as the checkpoint."""
     from safetensors import safe_open
 
-    folder = view.run_dir / HF_DIR
+    folder = view.files.release_hf
     required = view.contract.release.hf_files
     names = required.value if required else ()
     missing = [name for name in names if not (folder / name).is_file()]
@@ -579,7 +709,7 @@ def _hf_folder(view: RunView) -> Gate:
         missing.append("*.safetensors")
     if missing:
         return Gate("release.hf", "RELEASE", FAILED,
-                    f"{HF_DIR} lacks {missing}: run `shipkit export CKPT --hf {HF_DIR}`")
+                    f"{RunDir.RELEASE_HF} lacks {missing}: run `shipkit export CKPT --hf {RunDir.RELEASE_HF}`")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         tensors = 0
@@ -587,9 +717,9 @@ def _hf_folder(view: RunView) -> Gate:
             with safe_open(str(path), framework="pt") as handle:
                 tensors += len(list(handle.keys()))
     except (OSError, ValueError, json.JSONDecodeError) as error:
-        return Gate("release.hf", "RELEASE", FAILED, f"{HF_DIR} does not load: {error}")
-    evidence = [ref(f"{HF_DIR}/config.json", "model_type", config.get("model_type")),
-                ref(f"{HF_DIR}/*.safetensors", "tensors", tensors)]
+        return Gate("release.hf", "RELEASE", FAILED, f"{RunDir.RELEASE_HF} does not load: {error}")
+    evidence = [ref(f"{RunDir.RELEASE_HF}/config.json", "model_type", config.get("model_type")),
+                ref(f"{RunDir.RELEASE_HF}/*.safetensors", "tensors", tensors)]
     architecture = (view.metadata or {}).get("config", {}).get("architecture")
     problems = []
     if config.get("model_type") != architecture:
@@ -636,7 +766,7 @@ GATE_GROUPS: tuple[Callable[[RunView], list[Gate]], ...] = (
 
 
 def evaluate_gates(run_dir: str | Path, *, contract: str | Path | None = None,
-                   checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
+                   checkpoint: str = RunDir.BEST) -> dict[str, Any]:
     """Every gate of `run_dir` under `contract` (the default contract when None); returns the
     gates evidence (schema `gates`) without writing it. Raises InputError for a missing RUN_DIR
     or a bad contract; a failed gate is a FAILED entry, never an exception."""
@@ -647,10 +777,10 @@ def evaluate_gates(run_dir: str | Path, *, contract: str | Path | None = None,
     loaded = load_contract(None if contract is None else Path(contract).resolve())
     view = load_run(run_dir, loaded, checkpoint)
     gates = [gate for group in GATE_GROUPS for gate in group(view)]
-    counts = {status: sum(gate.status == status for gate in gates) for status in STATUSES}
+    counts = {status: sum(gate.status == status for gate in gates) for status in GATE_STATUSES}
     return {
         "schema_version": SCHEMA_VERSION,
-        "verdict": "FAIL" if counts[FAILED] else "PASS",
+        "verdict": FAIL if counts[FAILED] else PASS,
         "summary": summary_line(counts),
         "counts": counts,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -665,7 +795,7 @@ def evaluate_gates(run_dir: str | Path, *, contract: str | Path | None = None,
 
 
 def run_gates(run_dir: str | Path, *, contract: str | Path | None = None,
-              checkpoint: str = DEFAULT_CHECKPOINT) -> dict[str, Any]:
+              checkpoint: str = RunDir.BEST) -> dict[str, Any]:
     """`evaluate_gates`, written to `RUN_DIR/evidence/gates.json`; returns the evidence."""
     result = evaluate_gates(run_dir, contract=contract, checkpoint=checkpoint)
     write_evidence(run_dir, GATES_EVIDENCE, result)
@@ -691,7 +821,7 @@ def recorded_contract(scoreboard: dict[str, Any]) -> Path | None:
         return None
     path, over, rest = source.rpartition(" (over ")
     if not over or rest != f"{default})":
-        raise IntegrityError(f"evidence/{GATES_EVIDENCE}.json: contract.source {source!r} names no contract "
+        raise IntegrityError(f"{RunDir.evidence_file(GATES_EVIDENCE)}: contract.source {source!r} names no contract "
                              "file; re-run `shipkit gates`")
     return Path(path)
 
@@ -755,7 +885,8 @@ def _evidence_text(evidence: list[dict[str, Any]]) -> str:
     by_file: dict[str, list[str]] = {}
     for item in evidence:
         by_file.setdefault(item["file"], []).append(f"{item['field']}={_short(item['value'])}")
-    return "; ".join(f"{file.removeprefix('evidence/')}: {', '.join(fields)}" for file, fields in by_file.items())
+    return "; ".join(f"{file.removeprefix(f'{RunDir.EVIDENCE}/')}: {', '.join(fields)}"
+                     for file, fields in by_file.items())
 
 
 def _short(value: Any) -> str:

@@ -23,22 +23,14 @@ from shipkit import __version__
 from shipkit.apr import TensorSpec, apr_writer
 from shipkit.apr.convert import open_safetensors, safetensors_chunks, safetensors_specs
 from shipkit.apr.format import DTYPE_NAMES, WEIGHT_DTYPES, file_name_problem
+from shipkit.config import LM_HEAD_WEIGHT, ModelConfig, shown, weight_shapes
 from shipkit.errors import InputError, ShipkitError
 from shipkit.fsutil import sha256_file
-from shipkit.model import LLAMA3_ROPE_TYPE, ModelConfig, shown, weight_shapes
+from shipkit.layout import TOKENIZER_FILE
 from shipkit.tokenize import copy_tokenizer
 from shipkit.tokenizer_contract import read_contract
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# config.json fields that make a model a mixture of experts (Mixtral, Qwen-MoE, DeepSeek names).
-MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
-              "moe_intermediate_size")
-# The attention every layer must have: shipkit's attention is full causal, no sliding window.
-FULL_ATTENTION = "full_attention"
-DEFAULT_ROPE_TYPE = "default"
-HIDDEN_ACT = "silu"  # SwiGLU's gate, the only MLP activation of shipkit's decoder
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 REASON_CHARS = 120  # of the tokenizers library's message, which may quote the crafted file
 
 
@@ -52,6 +44,11 @@ class ImportReport:
     source: dict[str, Any]
     pre: str  # llama.cpp's pre-tokenizer name for the tokenizer
     dtypes: list[str]  # the APR dtypes of the stored weights, e.g. ["BF16"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"apr": str(self.apr_path), "tokenizer": str(self.tokenizer_path), "architecture": self.architecture,
+                "tensors": self.tensor_count, "parameters": self.parameters, "source": self.source,
+                "pre": self.pre, "dtypes": self.dtypes}
 
 
 def import_hf(
@@ -76,7 +73,7 @@ def import_hf(
     tensor), IntegrityError for a shard that cannot be read or a full disk."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     hf_config = _read_json(hf_dir / "config.json")
-    config = config_from_hf(hf_config, hf_dir / "config.json")
+    config = ModelConfig.from_hf(hf_config, hf_dir / "config.json")
     tokenizer_src = hf_dir / TOKENIZER_FILE
     if not tokenizer_src.is_file():
         raise InputError(f"{tokenizer_src}: not found (the import needs a fast tokenizer file; "
@@ -112,125 +109,6 @@ def import_hf(
     )
 
 
-def config_from_hf(hf_config: dict[str, Any], where: Path) -> ModelConfig:
-    """Map an HF config.json (transformers v4 or v5 names) to our ModelConfig; InputError, naming
-    `where` and the field, for a model shipkit would not run as its authors do."""
-    model_type = hf_config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(
-            f"{where}: field model_type: {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    _refuse_mixture_of_experts(hf_config, where)
-    _refuse_biases(hf_config, model_type, where)
-    if hf_config.get("hidden_act", HIDDEN_ACT) != HIDDEN_ACT:
-        raise InputError(f"{where}: field hidden_act: {shown(hf_config['hidden_act'])} is not supported "
-                         f"(only {HIDDEN_ACT!r})")
-    rope_theta, rope_scaling = _rope(hf_config, where)
-    heads = _required(hf_config, "num_attention_heads", where)
-    kv_heads = hf_config.get("num_key_value_heads")  # null: as many as the attention heads (MHA)
-    try:
-        config = ModelConfig(
-            architecture=model_type,
-            vocab_size=_required(hf_config, "vocab_size", where),
-            hidden_size=_required(hf_config, "hidden_size", where),
-            intermediate_size=_required(hf_config, "intermediate_size", where),
-            num_hidden_layers=_required(hf_config, "num_hidden_layers", where),
-            num_attention_heads=heads,
-            num_key_value_heads=heads if kv_heads is None else kv_heads,
-            max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            tie_word_embeddings=_flag(hf_config, "tie_word_embeddings", where),
-            bos_token_id=_first_id(hf_config.get("bos_token_id")),
-            eos_token_id=_first_id(hf_config.get("eos_token_id")),
-            head_dim=hf_config.get("head_dim"),
-            rope_scaling=rope_scaling,
-        )
-    except InputError as error:
-        raise InputError(f"{where}: {error}") from None
-    _refuse_sliding_window(hf_config, config, where)
-    return config
-
-
-def _refuse_mixture_of_experts(hf_config: dict[str, Any], where: Path) -> None:
-    for field in MOE_FIELDS:
-        if hf_config.get(field):
-            raise InputError(f"{where}: field {field}: mixture-of-experts models are not supported")
-
-
-def _refuse_sliding_window(hf_config: dict[str, Any], config: ModelConfig, where: Path) -> None:
-    """Qwen switches the window on with use_sliding_window (per layer in layer_types); Mistral's
-    sliding_window is in use unless null or at least the context length."""
-    if _flag(hf_config, "use_sliding_window", where):
-        raise InputError(f"{where}: field use_sliding_window: sliding-window attention is not supported")
-    layer_types = hf_config.get("layer_types") or []
-    if not isinstance(layer_types, list) or not all(isinstance(kind, str) for kind in layer_types):
-        raise InputError(f"{where}: field layer_types: expected a list of names, got {shown(layer_types)}")
-    other_layers = sorted(set(layer_types) - {FULL_ATTENTION})
-    if other_layers:
-        raise InputError(f"{where}: field layer_types: {shown(', '.join(other_layers))} layers are "
-                         f"not supported (only {FULL_ATTENTION})")
-    window = hf_config.get("sliding_window")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
-        raise InputError(f"{where}: field sliding_window: expected an integer or null, got {shown(window)}")
-    context = config.max_position_embeddings
-    if config.architecture == "mistral" and window is not None and window < context:
-        raise InputError(f"{where}: field sliding_window: a window of {window} tokens (below "
-                         f"max_position_embeddings {context}) is not supported")
-
-
-def _refuse_biases(hf_config: dict[str, Any], model_type: str, where: Path) -> None:
-    """qwen2 has q/k/v biases by construction; the other families are read without any."""
-    if model_type == "qwen2":
-        return
-    for field in ("attention_bias", "mlp_bias"):
-        if _flag(hf_config, field, where):
-            raise InputError(f"{where}: field {field}: a {model_type} with biases is not supported")
-
-
-def _flag(hf_config: dict[str, Any], field: str, where: Path) -> bool:
-    """A true/false field (missing or null: false); a string such as "false" is refused, not
-    read as true."""
-    value = hf_config.get(field)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InputError(f"{where}: field {field}: expected true or false, got {shown(value)}")
-    return value
-
-
-def _rope(hf_config: dict[str, Any], where: Path) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, llama3 rope_scaling or None). transformers v4 and v5 both take `rope_scaling`
-    over `rope_parameters` when it is set."""
-    field = "rope_scaling" if hf_config.get("rope_scaling") else "rope_parameters"
-    params = hf_config.get(field) or {}
-    if not isinstance(params, dict):
-        raise InputError(f"{where}: field {field}: expected an object or null, got {shown(params)}")
-    if any(isinstance(value, dict) for value in params.values()):
-        raise InputError(f"{where}: field {field}: RoPE per layer type is not supported")
-    rope_theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor") or hf_config.get("partial_rotary_factor") or 1.0
-    if partial != 1.0:
-        raise InputError(f"{where}: field partial_rotary_factor: {shown(partial)} is not supported (only 1.0)")
-    rope_type = params.get("rope_type", params.get("type", DEFAULT_ROPE_TYPE))
-    if rope_type == DEFAULT_ROPE_TYPE:
-        return rope_theta, None
-    if rope_type != LLAMA3_ROPE_TYPE:
-        raise InputError(f"{where}: field {field}.rope_type: {shown(rope_type)} is not supported "
-                         f"(supported: {DEFAULT_ROPE_TYPE}, {LLAMA3_ROPE_TYPE})")
-    # Without one, transformers takes the context length as the original (standardize_rope_params).
-    original_context = (params.get("original_max_position_embeddings")
-                         or hf_config.get("original_max_position_embeddings")
-                         or hf_config.get("max_position_embeddings", 2048))
-    scaling = {"rope_type": LLAMA3_ROPE_TYPE, "original_max_position_embeddings": original_context}
-    for name in ("factor", "low_freq_factor", "high_freq_factor"):
-        if name not in params:
-            raise InputError(f"{where}: field {field}.{name} is missing (llama3 RoPE needs it)")
-        scaling[name] = params[name]
-    return rope_theta, scaling
-
-
 # (shard, the tensor as the shard holds it, the tensor as the APR stores it), in write order.
 WeightPlan = list[tuple[Path, TensorSpec, TensorSpec]]
 
@@ -247,7 +125,7 @@ def _weight_plan(hf_dir: Path, config: ModelConfig, dtype: torch.dtype | None) -
             held.add(spec.name)
             if weight_map is not None:
                 _check_mapped(hf_dir, weight_map, spec.name, shard)
-            tied_head = config.tie_word_embeddings and spec.name == "lm_head.weight"
+            tied_head = config.tie_word_embeddings and spec.name == LM_HEAD_WEIGHT
             if spec.name.endswith("rotary_emb.inv_freq") or tied_head:
                 continue
             stored = spec if dtype is None else TensorSpec(spec.name, DTYPE_NAMES[dtype], spec.shape)
@@ -289,8 +167,7 @@ def _tensor_headers(shard: Path) -> list[TensorSpec]:
 
 
 def _check_headers(hf_dir: Path, plan: WeightPlan, config: ModelConfig) -> None:
-    """Every tensor named, shaped and typed as the config's model holds it (shapes from a model
-    on the meta device: no memory), each once."""
+    """Every tensor named, shaped and typed as the config's model holds it, each once."""
     expected = weight_shapes(config)
     held = collections.Counter(spec.name for _, spec, _ in plan)
     twice = sorted(name for name, count in held.items() if count > 1)
@@ -366,15 +243,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _required(hf_config: dict[str, Any], field: str, where: Path) -> Any:
-    if field not in hf_config:
-        raise InputError(f"{where}: field {field} is missing")
-    return hf_config[field]
-
-
-def _first_id(token_id: int | list[int] | None) -> int:
-    if isinstance(token_id, list):
-        return token_id[0] if token_id else 0
-    return 0 if token_id is None else token_id

@@ -2,232 +2,21 @@
 
 Parameter names follow Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` /
 `Qwen2ForCausalLM` / `Qwen3ForCausalLM` (`model.layers.N.self_attn.q_proj.weight`, ...) so HF
-export is a rename-free copy, and the rotary embedding uses HF's rotate-half layout.
+export is a rename-free copy, and the rotary embedding uses HF's rotate-half layout. The
+architecture it is built from, `ModelConfig`, lives apart in the torch-free `shipkit.config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shipkit.config import LM_HEAD_WEIGHT, ModelConfig, parameter_count
 from shipkit.errors import InputError
-
-# HF model_type values: mistral is a llama without biases; qwen2 adds q/k/v biases; qwen3 adds
-# per-head RMSNorms on q and k.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-LLAMA3_ROPE_TYPE = "llama3"
-# The fields of a llama3 `rope_scaling` besides rope_type (transformers' names), all required.
-LLAMA3_ROPE_FIELDS: dict[str, type] = {
-    "factor": float,
-    "low_freq_factor": float,
-    "high_freq_factor": float,
-    "original_max_position_embeddings": int,
-}
-# llama.cpp applies per-frequency RoPE factors (rope_freqs.weight) only in its llama arch.
-ROPE_SCALING_ARCHITECTURES = ("llama", "mistral")
-
-# Upper bounds of a config, checked on construction before anything is allocated. Each admits
-# every released dense model of the four families with room to spare (figures from the models'
-# config.json) and refuses the sizes only a crafted file holds.
-MAX_VOCAB_SIZE = 1 << 22  # 4.2M; the largest released vocabularies are ~262k (Gemma 3)
-MAX_HIDDEN_SIZE = 1 << 15  # 32768; Llama 3.1 405B has 16384
-MAX_INTERMEDIATE_SIZE = 1 << 17  # 131072; Llama 3.1 405B has 53248
-MAX_LAYERS = 1024  # Llama 3.1 405B has 126
-MAX_ATTENTION_HEADS = 1024  # Llama 3.1 405B has 128
-MAX_HEAD_DIM = 1024  # released models use 64-256 (Gemma 256)
-MAX_POSITIONS = 1 << 24  # 16.7M; Llama 4 Scout declares 10,485,760 positions, Qwen2.5-1M 1,010,000
-MAX_PARAMETERS = 10**12  # above every released dense model (Llama 3.1 405B); bounds the sizes' product
-MAX_RMS_NORM_EPS = 1.0  # released models use 1e-6..1e-5; an epsilon near 1 swamps the activations
-# Integer fields -> (least, largest) value.
-INT_FIELD_RANGES: dict[str, tuple[int, int]] = {
-    "vocab_size": (1, MAX_VOCAB_SIZE),
-    "hidden_size": (1, MAX_HIDDEN_SIZE),
-    "intermediate_size": (1, MAX_INTERMEDIATE_SIZE),
-    "num_hidden_layers": (1, MAX_LAYERS),
-    "num_attention_heads": (1, MAX_ATTENTION_HEADS),
-    "num_key_value_heads": (1, MAX_ATTENTION_HEADS),
-    "max_position_embeddings": (1, MAX_POSITIONS),
-}
-SHOWN_CHARS = 40  # a crafted value is quoted this far in an error line, not in full
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of a decoder; field names are those of HF's config.json."""
-
-    architecture: str = "llama"  # one of SUPPORTED_ARCHITECTURES (HF's model_type)
-    vocab_size: int = 50257
-    hidden_size: int = 1024
-    intermediate_size: int = 2816
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    bos_token_id: int = 0
-    eos_token_id: int = 0
-    # None: hidden_size // num_attention_heads, filled in on construction (as transformers does).
-    head_dim: int | None = None
-    # None (plain RoPE), or llama3 RoPE: {"rope_type": "llama3", **LLAMA3_ROPE_FIELDS}.
-    rope_scaling: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        """Every field checked (types, bounds, divisibility) so that a crafted config fails here,
-        naming the field, rather than in a division or an allocation later."""
-        if not isinstance(self.architecture, str) or self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise InputError(
-                f"config field architecture: {shown(self.architecture)} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        for name, (least, largest) in INT_FIELD_RANGES.items():
-            _check_int(name, getattr(self, name), least, largest)
-        self.rms_norm_eps = _positive_float("rms_norm_eps", self.rms_norm_eps, MAX_RMS_NORM_EPS)
-        self.rope_theta = _positive_float("rope_theta", self.rope_theta, math.inf)
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise InputError(f"config field tie_word_embeddings: expected true or false, "
-                             f"got {shown(self.tie_word_embeddings)}")
-        for name in ("bos_token_id", "eos_token_id"):
-            _check_int(name, getattr(self, name), 0, self.vocab_size - 1)
-        self._fill_head_dim()
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise InputError(
-                "config field num_key_value_heads: must divide num_attention_heads"
-            )
-        if self.rope_scaling is not None:
-            self.rope_scaling = _llama3_rope_scaling(self.rope_scaling, self.architecture)
-        parameters = parameter_count(self)
-        if parameters > MAX_PARAMETERS:
-            raise InputError(f"config: {parameters:,} parameters exceed the limit of {MAX_PARAMETERS:,} "
-                             "(check hidden_size, intermediate_size, num_hidden_layers, vocab_size)")
-
-    def _fill_head_dim(self) -> None:
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise InputError(
-                    "config field hidden_size: must be a multiple of num_attention_heads "
-                    "(or set head_dim)"
-                )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        _check_int("head_dim", self.head_dim, 2, MAX_HEAD_DIM)
-        if self.head_dim % 2:
-            raise InputError(f"config field head_dim: {self.head_dim} must be even (RoPE rotates pairs)")
-
-    @property
-    def attention_bias(self) -> bool:
-        return self.architecture == "qwen2"
-
-    @property
-    def qk_norm(self) -> bool:
-        """Qwen3's RMSNorm over each head of q and k, before RoPE."""
-        return self.architecture == "qwen3"
-
-    @property
-    def attention_size(self) -> int:
-        """Width of the attention output (heads × head_dim), o_proj's input; hidden_size unless
-        head_dim was set apart."""
-        return self.num_attention_heads * self.head_dim
-
-    def expected_tensor_count(self) -> int:
-        """9 tensors a layer (+3 biases for qwen2, +2 q/k norms for qwen3), plus embeddings, final
-        norm, and lm_head unless tied: a Llama with L layers has 9·L+3 untied, 9·L+2 tied."""
-        per_layer = 9 + (3 if self.attention_bias else 0) + (2 if self.qk_norm else 0)
-        return per_layer * self.num_hidden_layers + (2 if self.tie_word_embeddings else 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """The config of `to_dict()`; a dict written before head_dim/rope_scaling existed loads
-        with their defaults."""
-        if not isinstance(data, dict):
-            raise InputError(f"model config: expected an object, got {shown(data)}")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"model config: unknown field(s) {shown(', '.join(unknown))}")
-        return cls(**data)
-
-
-def shown(value: Any) -> str:
-    """`repr(value)` cut to SHOWN_CHARS, for error lines that quote a crafted value."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
-
-
-def is_int(value: Any) -> bool:
-    """An int proper: bools (a subclass of int) and integral floats are not."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, least: int, largest: int) -> None:
-    if not is_int(value) or not least <= value <= largest:
-        raise InputError(f"config field {name}: expected an integer from {least} to {largest}, "
-                         f"got {shown(value)}")
-
-
-def finite_float(value: Any) -> float | None:
-    """`value` as a float if it is a finite int or float (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float's range
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _positive_float(name: str, value: Any, largest: float) -> float:
-    """`value` as a float if it is a finite number in (0, largest]."""
-    number = finite_float(value)
-    if number is None or not 0 < number <= largest:
-        bound = "" if largest == math.inf else f" and at most {largest:g}"
-        raise InputError(f"config field {name}: expected a positive finite number{bound}, "
-                         f"got {shown(value)}")
-    return number
-
-
-def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every stored weight (`CausalLM.weights()`), from a model built on the
-    meta device: shapes only, nothing allocated."""
-    with torch.device("meta"):
-        return {name: tuple(tensor.shape) for name, tensor in CausalLM(config).weights().items()}
-
-
-def _llama3_rope_scaling(scaling: Any, architecture: str) -> dict[str, Any]:
-    """`scaling` checked and normalised to rope_type plus LLAMA3_ROPE_FIELDS with their types."""
-    if not isinstance(scaling, dict):
-        raise InputError(f"config field rope_scaling: expected a dict or null, got {shown(scaling)}")
-    rope_type = scaling.get("rope_type")
-    if rope_type != LLAMA3_ROPE_TYPE:
-        raise InputError(f"config field rope_scaling.rope_type: {shown(rope_type)} is not supported "
-                         f"(only {LLAMA3_ROPE_TYPE!r}, or rope_scaling null)")
-    if architecture not in ROPE_SCALING_ARCHITECTURES:
-        raise InputError(f"config field rope_scaling: llama3 RoPE is supported for "
-                         f"{', '.join(ROPE_SCALING_ARCHITECTURES)} only, not {architecture}")
-    expected = {"rope_type", *LLAMA3_ROPE_FIELDS}
-    missing, unknown = sorted(expected - set(scaling)), sorted(set(scaling) - expected)
-    if missing or unknown:
-        raise InputError(f"config field rope_scaling: missing {missing}, unknown {shown(unknown)}")
-    normalised: dict[str, Any] = {"rope_type": LLAMA3_ROPE_TYPE}
-    for name, kind in LLAMA3_ROPE_FIELDS.items():
-        value = scaling[name]
-        number = finite_float(value)
-        if number is None or number <= 0 or (kind is int and (number != int(number) or number > MAX_POSITIONS)):
-            raise InputError(f"config field rope_scaling.{name}: expected a positive finite "
-                             f"{kind.__name__}, got {shown(value)}")
-        normalised[name] = kind(number)
-    if normalised["high_freq_factor"] <= normalised["low_freq_factor"]:
-        raise InputError("config field rope_scaling.high_freq_factor: must exceed low_freq_factor")
-    return normalised
 
 
 class RMSNorm(nn.Module):
@@ -439,7 +228,7 @@ class CausalLM(nn.Module):
         """Named weights as saved (a tied lm_head is not stored twice)."""
         state = self.state_dict()
         if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
+            state.pop(LM_HEAD_WEIGHT, None)
         return state
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -450,13 +239,6 @@ class CausalLM(nn.Module):
                 f"weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         self.load_state_dict(tensors, strict=not self.config.tie_word_embeddings)
-
-
-# Weight names (HF's, as every name here): layer N's start with LAYER_PREFIX.
-LAYER_PREFIX = "model.layers.{index}."
-EMBEDDING_WEIGHT = "model.embed_tokens.weight"
-FINAL_NORM_WEIGHT = "model.norm.weight"
-LM_HEAD_WEIGHT = "lm_head.weight"
 
 
 def decoder_layer(config: ModelConfig, weights: dict[str, torch.Tensor]) -> DecoderLayer:
@@ -475,26 +257,6 @@ def final_norm(config: ModelConfig, weight: torch.Tensor) -> RMSNorm:
         norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     norm.load_state_dict({"weight": weight}, assign=True)
     return norm.eval()
-
-
-def parameter_count(config: ModelConfig) -> int:
-    """Stored parameters (a tied head counted once)."""
-    d, f, L, V = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_hidden_layers,
-        config.vocab_size,
-    )
-    q = config.attention_size
-    kv = config.num_key_value_heads * config.head_dim
-    attention = d * q * 2 + d * kv * 2  # q_proj and o_proj, k_proj and v_proj
-    if config.attention_bias:
-        attention += q + 2 * kv
-    if config.qk_norm:
-        attention += 2 * config.head_dim
-    per_layer = attention + 3 * d * f + 2 * d
-    head = 0 if config.tie_word_embeddings else V * d
-    return V * d + L * per_layer + d + head
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

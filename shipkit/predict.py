@@ -54,15 +54,15 @@ def parse_prediction(text: str) -> Prediction:
     match = _EXPRESSION.fullmatch(text)
     if match is None:
         raise InputError(
-            f"--predict {text!r}: expected `<field> <op> <number>` with op one of "
+            f"predict {text!r}: expected `<field> <op> <number>` with op one of "
             f"{' '.join(sorted(OPERATORS))}, e.g. \"best_val_loss < 8.911\""
         )
     field = match["field"]
     if field not in FIELDS:
-        raise InputError(f"--predict {text!r}: unknown field {field!r} (known: {', '.join(FIELDS)})")
+        raise InputError(f"predict {text!r}: unknown field {field!r} (known: {', '.join(FIELDS)})")
     value = float(match["number"])
     if not math.isfinite(value):
-        raise InputError(f"--predict {text!r}: the number must be finite")
+        raise InputError(f"predict {text!r}: the number must be finite")
     return Prediction(field=field, op=match["op"], value=value)
 
 

@@ -1,6 +1,7 @@
 """Push a release to the Hugging Face Hub: the safetensors repo and the GGUF repo, one commit each.
 
-Before anything leaves the machine the release is checked: the parity gate passed; the `shipkit
+Before anything leaves the machine the release is checked: the parity gate passed, for every
+released GGUF of a ladder (one failed file stops the whole release, both repos); the `shipkit
 gates` scoreboard, evaluated afresh from the evidence on disk, passes and equals the recorded
 `evidence/gates.json` (failed gates may be waived, a stale or edited record may not); the
 checkpoint validates; and every file still has the size and sha256 recorded in
@@ -22,23 +23,41 @@ from pathlib import Path
 from typing import Any
 
 from shipkit.apr import validate_apr
-from shipkit.errors import GateFailed, HubError, InputError, IntegrityError, ShipkitError
-from shipkit.evidence import evidence_path, read_evidence
+from shipkit.errors import (
+    GateFailed,
+    HubError,
+    InputError,
+    IntegrityError,
+    ShipkitError,
+)
+from shipkit.evidence import (
+    FAILED,
+    GATES_EVIDENCE,
+    PARITY_EVIDENCE,
+    PASS,
+    RELEASE_EVIDENCE,
+    evidence_path,
+    read_evidence,
+)
 from shipkit.fsutil import HASH_CHUNK_BYTES, sha256_file
 from shipkit.gates import evaluate_gates, recorded_contract, scoreboard_changes
+from shipkit.layout import RunDir
 from shipkit.release import (
-    CARD_FILE,
-    RELEASE_EVIDENCE,
+    CARD_IN_REPO,
     ReleaseFile,
     manifest_files,
+    model_ggufs,
     read_manifest,
     repo_entry,
 )
 
-PASS = "PASS"  # the `verdict` of evidence/parity.json and evidence/gates.json when they pass
 MISSING = "MISSING"
+INCOMPLETE = "INCOMPLETE"  # the parity evidence passed but did not measure every released GGUF
 ROLES = ("hf", "gguf")
-GATES = "gates"  # evidence/gates.json, the recorded scoreboard
+# The evidence push reads, relative to RUN_DIR: the parity gate, the recorded scoreboard, the manifest.
+PARITY_FILE = RunDir.evidence_file(PARITY_EVIDENCE)
+GATES_FILE = RunDir.evidence_file(GATES_EVIDENCE)
+RELEASE_FILE = RunDir.evidence_file(RELEASE_EVIDENCE)
 SHOWN_CHANGES = 3  # scoreboard changes named in a refusal; the others are counted
 
 
@@ -106,8 +125,8 @@ def push_release(
 
     `repo` / `gguf_repo` must be the repos the card was rendered for (`shipkit card --repo`);
     None means exactly those.
-    Raises GateFailed when the parity gate (evidence/parity.json) or the gates scoreboard
-    (evaluated afresh) did not pass or evidence/gates.json is missing and `allow_failed_gates`
+    Raises GateFailed when the parity gate (evidence/parity.json; of a ladder, any released GGUF
+    it failed or did not measure) or the gates scoreboard (evaluated afresh) did not pass or evidence/gates.json is missing and `allow_failed_gates`
     is False; IntegrityError, whatever the flags, when evidence/gates.json differs from the
     scoreboard evaluated now (a stale or edited record) and when the checkpoint or a release
     file fails its check; InputError for a
@@ -119,16 +138,17 @@ def push_release(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     plans = _plan(run_dir, manifest, repo, gguf_repo)
-    parity, recorded = _evidence_or_none(run_dir, "parity"), _evidence_or_none(run_dir, GATES)
+    parity, recorded = _evidence_or_none(run_dir, PARITY_EVIDENCE), _evidence_or_none(run_dir, GATES_EVIDENCE)
     scoreboard = _rescore(run_dir, recorded, manifest["checkpoint"]["path"]) if recorded else None
+    unfit = _unfit_ggufs(manifest, parity) if parity else []
     gates = {"checkpoint": _checkpoint_verdict(run_dir, manifest),
-             "parity": parity["verdict"] if parity else MISSING,
+             "parity": _parity_verdict(parity, unfit),
              "scoreboard": f"{scoreboard['verdict']} ({scoreboard['summary']})" if scoreboard else MISSING}
     evidence_sha256 = sha256_file(evidence_path(run_dir, RELEASE_EVIDENCE))
     report = PushReport(
         run_id=manifest["run_id"],
         evidence_sha256=evidence_sha256,
-        commit_message=f"shipkit release {manifest['run_id']} (evidence/release.json sha256 {evidence_sha256})",
+        commit_message=f"shipkit release {manifest['run_id']} ({RELEASE_FILE} sha256 {evidence_sha256})",
         gates=gates,
         waived=[],
         repos=plans,
@@ -139,12 +159,12 @@ def push_release(
     if gates["checkpoint"] != "VALID":
         report.refusals.append(IntegrityError(
             f"{manifest['checkpoint']['path']}: {gates['checkpoint']}; refusing to push"))
-    if parity is None or parity["verdict"] != PASS:
-        _failed_gate(report, "parity", "evidence/parity.json", allow_failed_gates)
+    if gates["parity"] != PASS:
+        _failed_gate(report, "parity", PARITY_FILE + (f": {'; '.join(unfit)}" if unfit else ""), allow_failed_gates)
     if recorded is not None:
         report.refusals += _stale_refusals(run_dir, recorded, scoreboard)
     if scoreboard is None or scoreboard["verdict"] != PASS:
-        _failed_gate(report, "scoreboard", f"evidence/{GATES}.json{_failed_gates(scoreboard)}", allow_failed_gates)
+        _failed_gate(report, "scoreboard", f"{GATES_FILE}{_failed_gates(scoreboard)}", allow_failed_gates)
     if dry_run:
         return report
     if report.refusals:
@@ -160,13 +180,13 @@ def _plan(run_dir: Path, manifest: dict[str, Any], repo: str | None, gguf_repo: 
         entry = repo_entry(manifest, role)
         if entry is None:
             if wanted[role] is not None and role == "gguf":
-                raise InputError(f"--gguf-repo {gguf_repo}: the release has no GGUF files (release/gguf/*.gguf)")
+                raise InputError(f"gguf_repo {gguf_repo}: the release has no GGUF files ({RunDir.RELEASE_GGUF}/*.gguf)")
             continue
         if wanted[role] is not None and wanted[role] != entry["repo_id"]:
             raise InputError(f"{entry['card']}: rendered for {entry['repo_id']}, not {wanted[role]} "
                              f"(re-run `shipkit card` with that repo)")
         card = run_dir / entry["card"]
-        card_file = ReleaseFile(CARD_FILE, entry["card"],
+        card_file = ReleaseFile(CARD_IN_REPO, entry["card"],
                                 card.stat().st_size if card.is_file() else 0, entry["card_sha256"])
         files = [*manifest_files(manifest, role), card_file]
         for release_file in files:
@@ -178,10 +198,35 @@ def _plan(run_dir: Path, manifest: dict[str, Any], repo: str | None, gguf_repo: 
 def _check_unchanged(run_dir: Path, release_file: ReleaseFile) -> None:
     path = run_dir / release_file.local
     if not path.is_file():
-        raise IntegrityError(f"{path}: listed in evidence/release.json but missing")
+        raise IntegrityError(f"{path}: listed in {RELEASE_FILE} but missing")
     if sha256_file(path) != release_file.sha256:
         raise IntegrityError(f"{path}: changed since the card was rendered (sha256 differs from "
-                             "evidence/release.json); re-run `shipkit card`")
+                             f"{RELEASE_FILE}); re-run `shipkit card`")
+
+
+def _parity_verdict(parity: dict[str, Any] | None, unfit: list[str]) -> str:
+    if parity is None:
+        return MISSING
+    if unfit and parity["verdict"] == PASS:
+        return INCOMPLETE  # it passed, but not on every released file
+    return parity["verdict"]
+
+
+def _unfit_ggufs(manifest: dict[str, Any], parity: dict[str, Any]) -> list[str]:
+    """Each released model GGUF that a ladder's parity run failed or did not measure: one failed
+    file stops the whole release (both repos), since the card and the manifest describe the
+    ladder as measured. A one-file parity run's verdict is its file's, checked by the caller."""
+    if "files" not in parity:
+        return []
+    lines = {line["sha256"]: line for line in parity["files"]}
+    unfit = []
+    for gguf in model_ggufs(manifest):
+        line = lines.get(gguf.sha256)
+        if line is None:
+            unfit.append(f"{gguf.path_in_repo} not measured")
+        elif line["verdict"] != PASS:
+            unfit.append(f"{gguf.path_in_repo} {line['verdict']}")
+    return unfit
 
 
 def _evidence_or_none(run_dir: Path, name: str) -> dict[str, Any] | None:
@@ -193,7 +238,7 @@ def _failed_gate(report: PushReport, name: str, where: str, waive: bool) -> None
         report.waived.append(name)
     else:
         report.refusals.append(GateFailed(f"{name} gate: {report.gates[name]} ({where}); refusing to push "
-                                          "(--allow-failed-gates releases it anyway)"))
+                                          "(allow_failed_gates releases it anyway)"))
 
 
 def _rescore(run_dir: Path, recorded: dict[str, Any], checkpoint: str) -> dict[str, Any]:
@@ -203,7 +248,7 @@ def _rescore(run_dir: Path, recorded: dict[str, Any], checkpoint: str) -> dict[s
     try:
         return evaluate_gates(run_dir, contract=contract, checkpoint=checkpoint)
     except InputError as error:
-        raise IntegrityError(f"evidence/{GATES}.json: its scoreboard cannot be re-evaluated ({error}); "
+        raise IntegrityError(f"{GATES_FILE}: its scoreboard cannot be re-evaluated ({error}); "
                              f"re-run `shipkit gates {run_dir}`") from None
 
 
@@ -213,12 +258,12 @@ def _stale_refusals(run_dir: Path, recorded: dict[str, Any], scoreboard: dict[st
     if not changes:
         return []
     more = f"; and {len(changes) - SHOWN_CHANGES} more" if len(changes) > SHOWN_CHANGES else ""
-    return [IntegrityError(f"evidence/{GATES}.json is stale or edited: {'; '.join(changes[:SHOWN_CHANGES])}{more}; "
+    return [IntegrityError(f"{GATES_FILE} is stale or edited: {'; '.join(changes[:SHOWN_CHANGES])}{more}; "
                            f"re-run `shipkit gates {run_dir}` and look at what changed")]
 
 
 def _failed_gates(scoreboard: dict[str, Any] | None) -> str:
-    failed = [gate["id"] for gate in scoreboard["gates"] if gate["status"] == "FAILED"] if scoreboard else []
+    failed = [gate["id"] for gate in scoreboard["gates"] if gate["status"] == FAILED] if scoreboard else []
     return f", re-evaluated now; FAILED: {', '.join(failed)}" if failed else ""
 
 

@@ -53,8 +53,8 @@ def tiny_run_dir(tiny_tokens_dir: Path, tmp_path_factory: pytest.TempPathFactory
     2-core machine): tokenizer.json, ckpt/epoch-00{1,2,3}.apr (+ .metadata.json),
     ckpt/epoch-003.resume.apr, ckpt/best.apr and evidence/training-summary.json.
     Shared by the session: copy it before writing into it."""
-    from shipkit.presets import apply_overrides, get_preset
     from shipkit.train import train
+    from shipkit.train.presets import apply_overrides, get_preset
 
     run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
     config = apply_overrides(get_preset("tiny"), TINY_RUN_OVERRIDES)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from pathlib import Path
 
 import gguf
@@ -10,7 +12,8 @@ import numpy as np
 import torch
 
 from shipkit.apr import write_apr
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.config import ModelConfig
+from shipkit.model import CausalLM
 from shipkit.quantize.mix import FILE_TYPES
 
 
@@ -53,10 +56,21 @@ def gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
             for tensor in reader.tensors}
 
 
-def ggml_quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> bytes:
-    """Blocks from ggml's own reference quantizer (ggml_quantize_chunk in libggml-base)."""
-    import os
+class GgmlTypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits."""
 
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+GGML_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+@functools.cache
+def ggml_base() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-base: ggml's own quantizers and dequantizers."""
     import llama_cpp
 
     library = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
@@ -64,8 +78,34 @@ def ggml_quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> bytes
     library.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                             ctypes.c_void_p]
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    out = np.zeros(flat.size * 4, dtype=np.uint8)
-    size = library.ggml_quantize_chunk(int(qtype), flat.ctypes.data, out.ctypes.data, 0,
-                                       flat.size // 256, 256, None)
+    library.ggml_get_type_traits.restype = ctypes.POINTER(GgmlTypeTraits)
+    library.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    return library
+
+
+def ggml_quantize_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType,
+                       importance: np.ndarray | None = None) -> bytes:
+    """ggml_quantize_chunk over whole rows (n_rows, n_cols), with the importance vector (n_cols,)
+    that llama-quantize would pass for the tensor, or none."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    out = np.zeros(rows.size * 4, dtype=np.uint8)
+    size = ggml_base().ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0,
+                                           rows.shape[0], rows.shape[1],
+                                           None if weights is None else weights.ctypes.data)
     return out[:size].tobytes()
+
+
+def ggml_quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> bytes:
+    """Blocks from ggml's own reference quantizer, rows of 256 values."""
+    return ggml_quantize_rows(np.asarray(values, dtype=np.float32).reshape(-1, 256), qtype)
+
+
+def ggml_dequantize(data: bytes | np.ndarray, qtype: gguf.GGMLQuantizationType, count: int
+                    ) -> np.ndarray:
+    """`count` float32 values from ggml's own dequantizer (the type traits' to_float)."""
+    source = np.frombuffer(bytes(data), dtype=np.uint8)
+    out = np.empty(count, dtype=np.float32)
+    to_float = ggml_base().ggml_get_type_traits(int(qtype)).contents.to_float
+    GGML_TO_FLOAT(to_float)(source.ctypes.data, out.ctypes.data, count)
+    return out

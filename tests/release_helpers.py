@@ -8,8 +8,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from shipkit.apr import write_apr
+from shipkit.config import ModelConfig
 from shipkit.fsutil import sha256_file
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 
 SAMPLE_CODE = "import os\n\ndef main(argv):\n    return len(argv) + 1\n\nclass Box:\n    size: int = 3\n" * 30
 
@@ -83,8 +84,8 @@ def parity_evidence(run_dir: Path, quant_path: Path, tensor_types: dict[str, int
     against a 0.05 limit and the `tokenizer` section (default: a passing one) (the shape
     `shipkit parity` writes; numbers chosen by the test)."""
     from shipkit.apr import read_apr
+    from shipkit.config import parameter_count
     from shipkit.contract import load_contract
-    from shipkit.model import parameter_count
 
     checkpoint = read_apr(run_dir / "ckpt" / "best.apr")
     contract = load_contract(None)

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from shipkit.apr import inspect_apr, read_apr, validate_apr, write_apr
 from shipkit.apr.format import ALIGNMENT
+from shipkit.config import ModelConfig
 from shipkit.errors import InputError, IntegrityError
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)

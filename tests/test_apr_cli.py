@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from shipkit.apr import read_apr, write_apr
 from shipkit.cli import main
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.config import ModelConfig
+from shipkit.model import CausalLM
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)

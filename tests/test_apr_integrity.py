@@ -13,12 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shipkit.apr import inspect_apr, read_apr, validate_apr, write_apr
 from shipkit.apr import format as fmt
+from shipkit.apr import inspect_apr, read_apr, validate_apr, write_apr
 from shipkit.cli import main
-
+from shipkit.config import ModelConfig
 from shipkit.errors import IntegrityError
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
-
 from release_helpers import build_release_run
-from shipkit.card import render_card
+
+from shipkit.card import card_environment, render_card
 from shipkit.cli import main
 from shipkit.errors import InputError, IntegrityError
 from shipkit.evidence import read_evidence
@@ -170,3 +172,103 @@ def test_card_without_a_repo_names_a_local_placeholder_repo(run_dir):
     manifest = read_evidence(run_dir, "release")
     assert [repo["repo_id"] for repo in manifest["repos"]] == ["shipkit-local/run", "shipkit-local/run-GGUF"]
     assert 'from_pretrained("shipkit-local/run")' in _card_text(run_dir)
+
+
+REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+PARITY_OVERRIDE = "## Parity, in our words: {{ parity.verdict }} on {{ parity.tokens.positions_scored | num }} positions\n"
+
+
+def _templates(folder, files):
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_builtin_card_templates_are_the_top_level_templates_folder():
+    env, overrides = card_environment()
+    assert overrides == {}
+    for path in REPO_TEMPLATES.glob("*.j2"):
+        assert Path(env.get_template(path.name).filename).resolve() == path
+
+
+def test_card_templates_override_one_partial_and_keep_shipkit_s_other_templates(run_dir, tmp_path):
+    folder = _templates(tmp_path / "mine", {"_parity.md.j2": PARITY_OVERRIDE})
+    render_card(run_dir, repo_id=REPO, templates_dir=folder)
+    positions = read_evidence(run_dir, "parity")["tokens"]["positions_scored"]
+    for role in ("hf", "gguf"):
+        text = _card_text(run_dir, role)
+        assert f"## Parity, in our words: PASS on {positions:,} positions" in text
+        assert "## Quantization parity:" not in text
+    assert "## Model" in _card_text(run_dir)  # model-card.md.j2 is still shipkit's
+
+
+def test_card_templates_override_a_card_with_a_new_partial_of_its_own(run_dir, tmp_path):
+    folder = _templates(tmp_path / "mine", {
+        "model-card.md.j2": "# {{ model_name }}, our way\n{% include 'extra/_loss.md.j2' %}\n",
+        "extra/_loss.md.j2": "best val loss {{ training.summary.best_val_loss | num }}\n",
+    })
+    render_card(run_dir, repo_id=REPO, templates_dir=folder)
+    best = read_evidence(run_dir, "training-summary")["summary"]["best_val_loss"]
+    assert _card_text(run_dir).endswith(f"---\n\n# tiny-code, our way\nbest val loss {best:.4f}\n")
+    assert "## Quantization parity:" in _card_text(run_dir, "gguf")  # gguf-card.md.j2 is shipkit's
+
+
+def test_card_template_override_missing_an_evidence_field_names_the_user_file(run_dir, tmp_path):
+    folder = _templates(tmp_path / "mine", {"model-card.md.j2": "{{ training.summary.no_such_field }}\n"})
+    with pytest.raises(InputError, match=rf"^{re.escape(str(folder / 'model-card.md.j2'))}: evidence field "
+                                         r"training-summary\.summary\.no_such_field is missing$"):
+        render_card(run_dir, repo_id=REPO, templates_dir=folder)
+
+
+def test_card_cli_templates_option_overrides_a_template(run_dir, tmp_path):
+    folder = _templates(tmp_path / "mine", {"_parity.md.j2": PARITY_OVERRIDE})
+    result = CliRunner().invoke(main, ["card", str(run_dir), "--repo", REPO, "--templates", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "## Parity, in our words: PASS" in _card_text(run_dir, "gguf")
+
+
+BAD_TEMPLATE_FOLDERS = {
+    "missing": (None, "{folder}: card templates folder not found"),
+    "a-file": ("file", "{folder}: not a folder (give the folder holding your *.j2 card templates)"),
+    "no-templates": ({"notes.md": "mine"}, "{folder}: no *.j2 card templates in it"),
+    "syntax": ({"gguf-card.md.j2": "# {{ model_name }}\n{% if parity %}\nunclosed\n"},
+               "{folder}/gguf-card.md.j2:3: card template does not parse: Unexpected end of template. "),
+    "not-utf8": ({"_files.md.j2": b"\xff\xfe{{ files }}"}, "{folder}/_files.md.j2: not UTF-8 text"),
+    "missing-include": ({"model-card.md.j2": "{% include '_nowhere.md.j2' %}"},
+                        "{folder}/model-card.md.j2: includes '_nowhere.md.j2', which is neither in {folder} nor"),
+    "misspelt": ({"model_card.md.j2": "# {{ model_name }}"},
+                 "{folder}/model_card.md.j2: replaces none of shipkit's card templates (_files.md.j2, "
+                 "_parity.md.j2, gguf-card.md.j2, model-card.md.j2) and no template includes it"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEMPLATE_FOLDERS))
+def test_card_cli_refuses_a_bad_templates_folder_in_one_line_before_writing(run_dir, tmp_path, case):
+    content, says = BAD_TEMPLATE_FOLDERS[case]
+    folder = tmp_path / "mine"
+    if content == "file":
+        folder.write_text("not a folder")
+    elif content is not None:
+        folder.mkdir()
+        for name, text in content.items():
+            (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    result = CliRunner().invoke(main, ["card", str(run_dir), "--templates", str(folder)])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith(f"error: {says.format(folder=folder)}")
+    assert not (run_dir / "release" / "card").exists()
+
+
+def test_ship_toml_card_templates_is_relative_to_the_config_and_checked_before_any_stage(tmp_path):
+    from shipkit.ship import load_ship_config, ship
+
+    _templates(tmp_path / "mine", {"gguf-card.md.j2": "# {{ model_name }}\n{% if parity %}\n"})
+    path = tmp_path / "ship.toml"
+    path.write_text(f'[ship]\nout = "out"\n\n[[model]]\nname = "m"\ncorpus = ["{tmp_path}"]\ncard_templates = "mine"\n')
+    config = load_ship_config(path)
+    assert config.models[0].card_templates == str(tmp_path / "mine")
+    with pytest.raises(InputError, match=rf"^model m: field card_templates: {re.escape(str(tmp_path))}/mine/"
+                                         r"gguf-card\.md\.j2:2: card template does not parse: "):
+        ship(config, log=lambda line: None)
+    assert not (tmp_path / "out").exists()

@@ -14,17 +14,15 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from shipkit.chat_template import (
-    FAIL,
-    PASS,
+from shipkit.errors import InputError
+from shipkit.evidence import FAIL, PASS, SKIPPED
+from shipkit.parity.chat_template import (
     PROBE_CONVERSATION,
-    SKIPPED,
     compare_chat,
     first_difference,
     render_hf,
     render_llama_cpp,
 )
-from shipkit.errors import InputError
 
 TEMPLATES_DIR = Path(__file__).parent / "data" / "chat_templates"
 # Published template -> its tokenizer's bos/eos text (None: the tokenizer has no such token).

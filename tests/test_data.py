@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from shipkit.data import EmptyStreamError, TrainStream, Windows, validation_windows
+from shipkit.train.data import (
+    EmptyStreamError,
+    TrainStream,
+    Windows,
+    validation_windows,
+)
 
 SEQ_LEN = 4
 

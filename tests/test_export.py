@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from release_helpers import SAMPLE_CODE, write_tiny_checkpoint, write_tokenizer
 from safetensors import safe_open
 
-from release_helpers import SAMPLE_CODE, write_tiny_checkpoint, write_tokenizer
 from shipkit.cli import main
 from shipkit.errors import IntegrityError
 from shipkit.export import export_hf

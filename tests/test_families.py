@@ -16,9 +16,10 @@ import torch
 from hf_helpers import save_tiny_hf_model
 
 from shipkit.apr import read_apr
+from shipkit.config import ModelConfig, parameter_count
 from shipkit.errors import InputError
 from shipkit.hf_import import import_hf
-from shipkit.model import CausalLM, ModelConfig, parameter_count
+from shipkit.model import CausalLM
 
 # Small enough that the factors change some frequencies of a 32-wide head and not others:
 # wavelengths below 32/4 = 8 are kept, above 32/1 divided by 8, those between blended.

@@ -1,4 +1,4 @@
-"""The fused LM head + cross-entropy used by CUDA training (`shipkit.fused_loss`)."""
+"""The fused LM head + cross-entropy used by CUDA training (`shipkit.train.fused_loss`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shipkit import fused_loss
-from shipkit.fused_loss import linear_cross_entropy
+from shipkit.train import fused_loss
+from shipkit.train.fused_loss import linear_cross_entropy
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -14,8 +14,9 @@ from quant_helpers import gguf_tensors, llama_cpp_quantize, write_random_checkpo
 from tokenizers import Tokenizer
 
 from shipkit.cli import main
+from shipkit.config import ModelConfig
 from shipkit.errors import IntegrityError
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 from shipkit.quantize import load_gguf_model, write_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -10,8 +10,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
-
 from quant_helpers import write_random_checkpoint
 from tokenizer_helpers import (
     ARCHITECTURE,
@@ -26,10 +24,11 @@ from tokenizer_helpers import (
     write_family_tokenizer,
     write_tiny_hf_model,
 )
+from tokenizers import Tokenizer
 
 from shipkit.apr import read_apr
+from shipkit.config import ModelConfig
 from shipkit.hf_import import import_hf
-from shipkit.model import ModelConfig
 from shipkit.quantize import write_gguf
 from shipkit.quantize.gguf_source import source_metadata
 from shipkit.quantize.gguf_tokenizer import FIM_KEYS, read_tokenizer

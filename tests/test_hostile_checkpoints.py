@@ -23,12 +23,15 @@ from hostile import Outcome, assert_refused, run_cli
 
 from shipkit.apr import checked_tokenizer_name, validate_apr, write_apr
 from shipkit.apr import format as fmt
+from shipkit.config import ModelConfig
 from shipkit.corpus import CorpusConfig, build_corpus
 from shipkit.errors import IntegrityError
-from shipkit.model import CausalLM, ModelConfig
-from shipkit.presets import apply_overrides, get_preset
+from shipkit.layout import RunDir
+from shipkit.model import CausalLM
 from shipkit.tokenize import TokenizerConfig, encode_corpus, train_tokenizer
-from shipkit.train import RUN_LOCK_FILE, read_resume_point, run_dir_lock
+from shipkit.train.presets import apply_overrides, get_preset
+from shipkit.train.resume_file import read_resume_point
+from shipkit.train.run_folder import run_dir_lock
 
 SUITE = "checkpoints"
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -608,7 +611,7 @@ def test_resume_file_whose_metadata_lies_is_refused(tmp_path: Path, weights: dic
     run_dir = resume_run(tmp_path, weights, metadata, tensors)
     before = sorted(path.name for path in run_dir.rglob("*"))
     assert_refused(run_cli("train", "--resume", run_dir, "--device", "cpu", "--quiet"), SUITE, names=names)
-    assert sorted(path.name for path in run_dir.rglob("*")) == sorted([*before, RUN_LOCK_FILE])
+    assert sorted(path.name for path in run_dir.rglob("*")) == sorted([*before, RunDir.LOCK])
 
 
 def _tensor_lie(case: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -655,7 +658,7 @@ def test_resume_file_named_for_another_epoch_is_refused(tmp_path: Path, weights:
 
 SET_LIES: list[tuple[str, str]] = [
     *((f"lr={value}", "train config field lr") for value in ("nan", "inf", "-inf", "-1", "0", "1e300")),
-    ("lr=abc", "--set lr=abc: expected a float"), ("lr=", "--set lr=: expected a float"),
+    ("lr=abc", "--set lr: expected a float, got 'abc'"), ("lr=", "--set lr: expected a float, got ''"),
     *((f"min_lr_ratio={value}", "field min_lr_ratio") for value in ("2", "-0.1", "nan")),
     *((f"beta1={value}", "field beta1") for value in ("1", "-0.5", "inf")),
     *((f"beta2={value}", "field beta2") for value in ("nan", "1.5")),
@@ -678,7 +681,7 @@ SET_LIES: list[tuple[str, str]] = [
     ("tie_word_embeddings=maybe", "tie_word_embeddings"), ("architecture=gpt2", "field architecture"),
     ("rope_scaling={\"rope_type\": \"yarn\"}", "rope_scaling.rope_type"), ("rope_scaling={", "rope_scaling"),
     ("bos_token_id=-1", "field bos_token_id"), ("hiden_size=64", "hiden_size: unknown field"),
-    ("lr", "expected key=value"),
+    ("lr", "--set: 'lr' is not key=value"),
 ]
 
 
@@ -722,12 +725,12 @@ def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path:
         outcome = run_cli("train", "--data", data_dir, "--out", run_dir, "--device", "cpu", "--quiet")
         assert_refused(outcome, SUITE, names=f"is being written by another shipkit train (pid {holder.pid})",
                        exit_codes=(2,))
-        assert sorted(path.name for path in run_dir.iterdir()) == [RUN_LOCK_FILE]  # nothing written
+        assert sorted(path.name for path in run_dir.iterdir()) == [RunDir.LOCK]  # nothing written
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     with run_dir_lock(run_dir):  # the kernel dropped the killed holder's lock: nothing stale
-        assert (run_dir / RUN_LOCK_FILE).read_text().strip() == str(os.getpid())
+        assert (run_dir / RunDir.LOCK).read_text().strip() == str(os.getpid())
 
 
 def test_resume_is_refused_while_another_process_writes_the_run(tmp_path: Path,

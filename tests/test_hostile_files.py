@@ -26,8 +26,9 @@ import pytest
 from hostile import assert_refused, run_cli
 from release_helpers import write_tiny_checkpoint, write_tokenizer
 
+from shipkit.config import ModelConfig
 from shipkit.fsutil import sha256_file
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 from shipkit.ship import ModelSpec, ShipConfig
 
 SUITE = "files"
@@ -159,6 +160,10 @@ MODEL_TYPE_LIES = [
     ("pre", "2"),
     ("quant_types", '"xxQ4_K_Mxx"'),
     ("quant_types", '["Q4_K_M", 4]'),
+    ("quant_types", '["Q4_K_M", ["Q8_0"]]'),
+    ("imatrix", '"yes"'),
+    ("imatrix", "1"),
+    ("imatrix", '["n_tokens", 1024]'),
     ("parity_tokens", '"8192"'),
     ("parity_tokens", "true"),
     ("parity_ctx", "25.6"),
@@ -167,6 +172,7 @@ MODEL_TYPE_LIES = [
     ("repo", '["a/b"]'),
     ("gguf_repo", "3"),
     ("datasets", '"org/data"'),
+    ("card_templates", '["templates"]'),
 ]
 
 SHIP_TYPE_LIES = [
@@ -212,6 +218,22 @@ RULE_LIES = [
     ("quant_types", '["Q4_K_M", "Q5_X"]'),
     ("quant_types", '["Q4_K_M", "Q4_K_M"]'),
     ("quant_types", "[]"),
+    ("quant_types", '["Q4_K_M", { type = "Q4_K_M" }]'),
+    ("quant_types", '["Q4_K_M", { type = "Q4_K_M", output = "Q8_0" }, { type = "Q4_K_M", output = "Q8_0" }]'),
+    ("quant_types", '["Q4_K_M", { type = "Q4_K_M", output = "Q9_K" }]'),
+    ("quant_types", '["Q4_K_M", { type = "Q4_K_M", token_embedding = "q8_0" }]'),
+    ("quant_types", '["Q4_K_M", { type = "Q4_K_M", output_tensor_type = "Q8_0" }]'),
+    ("quant_types", '["Q4_K_M", { output = "Q8_0" }]'),
+    ("quant_types", '["Q4_K_M", { type = 4 }]'),
+    ("quant_types", '["Q4_K_M", { type = "Q4_K_L" }]'),
+    ("imatrix", "{ ctx = 8 }"),
+    ("imatrix", "{ n_tokens = 100 }"),
+    ("imatrix", "{ n_tokens = 100_000_000 }"),
+    ("imatrix", "{ n_tokens = -1 }"),
+    ("imatrix", "{ ctx = 4096 }"),
+    ("imatrix", '{ ctx = "512" }'),
+    ("imatrix", "{ ctx = 512.0 }"),
+    ("imatrix", "{ chunks = 4 }"),
     ("val_fraction", "0"),
     ("val_fraction", "1"),
     ("val_fraction", "-0.5"),

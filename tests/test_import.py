@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from hf_helpers import save_tiny_hf_model
 
 from shipkit.apr import read_apr, validate_apr
+from shipkit.config import ModelConfig
 from shipkit.errors import InputError
 from shipkit.hf_import import import_hf
-from shipkit.model import CausalLM, ModelConfig
+from shipkit.model import CausalLM
 
 
 def _shipkit_logits(apr_path, ids):

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from shipkit.cli import main
 from shipkit.evidence import read_evidence
-from shipkit.presets import apply_overrides, get_preset
 from shipkit.ship import load_ship_config
 from shipkit.train import train
+from shipkit.train.presets import apply_overrides, get_preset
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "memorization.toml"
 # The tiny token folder has ~280k train tokens; at 256 tokens a step the corpus (a tenth) is one

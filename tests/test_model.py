@@ -1,11 +1,17 @@
-"""The decoder: HF-compatible names and logits, parameter and FLOP counts."""
+"""The decoder: HF-compatible names and logits, parameter and FLOP counts; its config's weight
+shapes and config.json mapping, without torch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from shipkit.model import CausalLM, ModelConfig, flops_per_token, parameter_count, rope_cos_sin
+from shipkit.config import ModelConfig, parameter_count, weight_shapes
+from shipkit.model import CausalLM, flops_per_token, rope_cos_sin
 
 SMALL = dict(
     vocab_size=97,
@@ -66,6 +72,44 @@ def test_parameter_count_equals_stored_elements() -> None:
         config = ModelConfig(**SMALL, tie_word_embeddings=tied)
         stored = sum(tensor.numel() for tensor in CausalLM(config).weights().values())
         assert parameter_count(config) == stored
+
+
+# One config of each architecture and shape variant: biases, q/k norms, a free head_dim,
+# llama3 RoPE, a tied head.
+VARIANTS = [
+    ModelConfig(**SMALL),
+    ModelConfig(**SMALL, architecture="qwen2", tie_word_embeddings=True),
+    ModelConfig(**SMALL, architecture="qwen3", head_dim=32),
+    ModelConfig(**SMALL, architecture="mistral",
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+]
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda config: config.architecture)
+def test_weight_shapes_equal_the_models_weights_in_order(config: ModelConfig) -> None:
+    """The torch-free shapes the checkpoint reader checks against are the module's own."""
+    with torch.device("meta"):
+        model_weights = CausalLM(config).weights()
+    assert list(weight_shapes(config).items()) == [
+        (name, tuple(tensor.shape)) for name, tensor in model_weights.items()
+    ]
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=lambda config: config.architecture)
+def test_to_hf_reads_back_through_from_hf_and_transformers(config: ModelConfig, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    data = config.to_hf("bfloat16")
+    assert ModelConfig.from_hf(data, tmp_path / "config.json") == config
+    hf_config = transformers.AutoConfig.for_model(**data)
+    assert (hf_config.head_dim, hf_config.num_key_value_heads) == (config.head_dim, config.num_key_value_heads)
+
+
+def test_config_imports_without_torch() -> None:
+    """The checkpoint container's, the presets' and the CLI's view of a model loads no torch."""
+    code = "import sys, shipkit.config; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_model2_shape_has_about_370m_parameters() -> None:

@@ -14,8 +14,9 @@ from shipkit.apr import read_apr, write_apr
 from shipkit.cli import main
 from shipkit.errors import InputError
 from shipkit.evidence import read_evidence
-from shipkit.parity import ParityOptions, run_parity, unpermute_qk
+from shipkit.parity import ParityOptions, run_parity
 from shipkit.quantize import write_gguf
+from shipkit.quantize.tensor_names import from_interleaved
 
 CTX = 128
 N_TOKENS = 1024  # 8 windows of 128: 504 scored positions
@@ -162,7 +163,7 @@ def _unpermuted_checkpoint(files, name):
     tensors = {}
     for tensor_name, tensor in checkpoint.tensors.items():
         kind = tensor_name.split(".")[-2]
-        tensors[tensor_name] = unpermute_qk(tensor, heads[kind]) if kind in heads else tensor
+        tensors[tensor_name] = from_interleaved(tensor, heads[kind]) if kind in heads else tensor
     path = files["folder"] / name
     write_apr(path, tensors, checkpoint.metadata)
     return path

@@ -8,21 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shipkit.config import ModelConfig
 from shipkit.contract import Threshold
-from shipkit.model import ModelConfig
-from shipkit.parity import (
+from shipkit.parity.diagnosis import diagnose_tensor, rel_rmse, tensor_errors
+from shipkit.parity.metrics import (
     PositionStats,
     agreement_metrics,
     check,
-    diagnose_tensor,
     layer_cosine_sums,
-    permute_qk,
     position_stats,
-    rel_rmse,
     summarize,
-    tensor_errors,
-    unpermute_qk,
 )
+from shipkit.quantize.tensor_names import from_interleaved, to_interleaved
 
 
 def test_identical_logits_score_zero_kl_full_agreement_and_unit_ppl_ratio():
@@ -116,16 +113,16 @@ def test_layer_cosines_sum_one_per_position_for_equal_states_and_minus_one_for_o
     assert sums == pytest.approx([6.0, -6.0])
 
 
-def test_permute_qk_interleaves_the_two_halves_of_each_head():
+def test_to_interleaved_interleaves_the_two_halves_of_each_head():
     weight = torch.arange(8.0).unsqueeze(1)  # 2 heads of 4 rows
-    assert permute_qk(weight, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert to_interleaved(weight, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))
-def test_unpermute_qk_inverts_permute_qk(heads, half_dim, cols):
+def test_from_interleaved_inverts_to_interleaved(heads, half_dim, cols):
     weight = torch.randn(heads * half_dim * 2, cols)
-    assert torch.equal(unpermute_qk(permute_qk(weight, heads), heads), weight)
+    assert torch.equal(from_interleaved(to_interleaved(weight, heads), heads), weight)
 
 
 def _weights(seed=0):
@@ -165,7 +162,7 @@ def test_diagnosis_names_two_swapped_tensors():
 def test_diagnosis_names_a_skipped_qk_permutation():
     base = _weights()
     name = "model.layers.0.self_attn.k_proj.weight"
-    quant = {**base, name: unpermute_qk(base[name], CONFIG.num_key_value_heads)}
+    quant = {**base, name: from_interleaved(base[name], CONFIG.num_key_value_heads)}
     assert "Q/K permutation" in diagnose_tensor(name, base, quant, CONFIG, [name])
 
 

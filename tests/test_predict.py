@@ -5,17 +5,24 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_RUN_OVERRIDES
 from hypothesis import given
 from hypothesis import strategies as st
 
-import shipkit.train
-from conftest import TINY_RUN_OVERRIDES
+import shipkit.train.trainer
 from shipkit.cli import main
 from shipkit.errors import InputError
 from shipkit.evidence import evidence_path, read_evidence
-from shipkit.predict import FIELDS, OPERATORS, Prediction, judge_predictions, parse_prediction, record_predictions
-from shipkit.presets import apply_overrides, get_preset
+from shipkit.predict import (
+    FIELDS,
+    OPERATORS,
+    Prediction,
+    judge_predictions,
+    parse_prediction,
+    record_predictions,
+)
 from shipkit.train import train
+from shipkit.train.presets import apply_overrides, get_preset
 
 # Two epochs of two steps: enough for a best and a final val loss, in about a second.
 SHORT_RUN = {**TINY_RUN_OVERRIDES, "num_steps": 4, "steps_per_epoch": 2}
@@ -83,7 +90,7 @@ def predicted_run(tiny_tokens_dir, tmp_path_factory):
     optimizer step began (read by a spy around the real train_step)."""
     run_dir = tmp_path_factory.mktemp("predicted") / "run"
     seen_before_first_step = []
-    real_step = shipkit.train.train_step
+    real_step = shipkit.train.trainer.train_step
 
     def step_after_reading_the_evidence(*args, **kwargs):
         if not seen_before_first_step:
@@ -92,7 +99,7 @@ def predicted_run(tiny_tokens_dir, tmp_path_factory):
 
     config = apply_overrides(get_preset("tiny"), SHORT_RUN)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(shipkit.train, "train_step", step_after_reading_the_evidence)
+        patch.setattr(shipkit.train.trainer, "train_step", step_after_reading_the_evidence)
         returned = train(config, tiny_tokens_dir, run_dir, device="cpu", progress=False,
                          predictions=["best_val_loss < 100", "final_val_loss > 100", "epochs_completed == 2"])
     return {"run_dir": run_dir, "returned": returned, "before_first_step": seen_before_first_step[0]}

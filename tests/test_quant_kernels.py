@@ -1,10 +1,10 @@
-"""The quantizers: vectorised (compiled scale search, and the pure-torch one) == plain
-reference == ggml itself, on random and adversarial blocks, on CPU and (where present) CUDA;
-dequantizers == gguf-py's."""
+"""The quantizers without importance: compiled (kquant_rows' C on the CPU, torch_quants with
+native_search's kernels on CUDA) and pure torch == plain reference == ggml itself, on random
+and adversarial blocks, on CPU and (where present) CUDA. With importance, and Q2_K / Q3_K:
+tests/test_kquants_imatrix.py; dequantizers == ggml's: tests/test_row_quants.py."""
 
 from __future__ import annotations
 
-import gguf.quants
 import numpy as np
 import pytest
 import torch
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from quant_helpers import ggml_quantize
 
-from shipkit.quantize import dequant, kquants, reference
+from shipkit.quantize import dequant, kquants, reference, torch_quants
 from shipkit.quantize.formats import QType
 
 QTYPES = [QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K]
@@ -29,6 +29,9 @@ def adversarial_blocks() -> dict[str, np.ndarray]:
     half_denormal[:100] = rng.standard_normal(100).astype(np.float32) * 1e-39
     return {
         "zeros": np.zeros(BLOCK, np.float32),
+        "negative_zeros": np.full(BLOCK, -0.0, np.float32),
+        "zeros_first_negative": np.where(np.arange(BLOCK) % 32 == 0, -0.0, 0.0).astype(np.float32),
+        "zeros_and_positives": np.where(np.arange(BLOCK) % 3 == 1, -0.0, np.abs(normal)).astype(np.float32),
         "all_equal": np.full(BLOCK, 0.25, np.float32),
         "all_equal_negative": np.full(BLOCK, -0.125, np.float32),
         "denormals": np.full(BLOCK, 1e-40, np.float32),
@@ -46,10 +49,11 @@ def adversarial_blocks() -> dict[str, np.ndarray]:
 ADVERSARIAL = adversarial_blocks()
 
 
-@pytest.fixture(params=["compiled-search", "torch-search"])
+@pytest.fixture(params=["compiled", "torch"])
 def search_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the compiled scale search (where it builds) and with the torch one."""
-    monkeypatch.setattr(kquants, "USE_KERNELS", request.param == "compiled-search")
+    """Run a test with the compiled code (where it builds) and with the pure torch quantizers."""
+    monkeypatch.setattr(kquants, "USE_KERNELS", request.param == "compiled")
+    monkeypatch.setattr(torch_quants, "USE_SEARCH_KERNELS", request.param == "compiled")
     return request.param
 
 
@@ -95,14 +99,6 @@ def test_vectorised_equals_reference_on_fuzzed_blocks(block: np.ndarray, qtype: 
     with np.errstate(all="ignore"):
         expected = reference.quantize(block, qtype)
     assert kquants.quantize(block, qtype).tobytes() == expected
-
-
-@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
-def test_dequantize_equals_gguf_py(qtype: QType) -> None:
-    values = (np.random.default_rng(5).standard_normal((16, 512)) * 0.02).astype(np.float32)
-    blocks = kquants.quantize(values, qtype)
-    ours = dequant.dequantize(blocks, qtype, values.shape)
-    assert np.array_equal(ours, gguf.quants.dequantize(blocks.reshape(16, -1), qtype))
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)

@@ -187,7 +187,7 @@ def test_tokenizer_training_is_deterministic(tmp_path: Path) -> None:
     corpus_dir = _jsonl_corpus(tmp_path, [f"x_{i} = [{i}, {i * i}]\nprint(x_{i})\n" for i in range(80)])
     first = train_tokenizer(corpus_dir, tmp_path / "a", TokenizerConfig(vocab_size=300))
     second = train_tokenizer(corpus_dir, tmp_path / "b", TokenizerConfig(vocab_size=300))
-    assert first["sha256"] == second["sha256"]
+    assert first.sha256 == second.sha256
 
 
 def test_vocab_smaller_than_the_byte_alphabet_is_refused(tmp_path: Path) -> None:

@@ -8,12 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tokenizer_helpers import (
+    EXPECTED_PRE,
+    FAMILIES,
+    special_ids,
+    write_family_tokenizer,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from tokenizer_helpers import EXPECTED_PRE, FAMILIES, special_ids, write_family_tokenizer
-
+from shipkit.config import ModelConfig
 from shipkit.errors import InputError
-from shipkit.model import ModelConfig
 from shipkit.tokenizer_contract import detect_pre_tokenizer, read_contract
 
 QWEN2_NUMBER = "\\p{N}|"
@@ -67,7 +71,7 @@ def test_detect_refuses_unknown_regex_on_one_line_naming_it(family_dirs):
         detect_pre_tokenizer(data, "x/tokenizer.json")
     message = str(error.value)
     assert "\n" not in message
-    assert "\\p{N}{1,2}" in message and "--pre NAME" in message
+    assert "\\p{N}{1,2}" in message and "pre=NAME" in message
     assert len(message) < 400
 
 
@@ -89,13 +93,13 @@ def test_pre_override_names_an_unrecognised_tokenizer(family_dirs, tmp_path):
     folder = _copy(family_dirs["qwen2"], tmp_path)
     _rewrite(folder / "tokenizer.json", lambda data: data["pre_tokenizer"]["pretokenizers"][0]["pattern"]
              .update(Regex="\\p{N}{1,2}|\\s+"))
-    with pytest.raises(InputError, match="--pre NAME"):
+    with pytest.raises(InputError, match="pre=NAME"):
         read_contract(folder / "tokenizer.json")
     assert read_contract(folder / "tokenizer.json", pre="qwen2").pre == "qwen2"
 
 
 def test_pre_override_must_be_a_llama_cpp_name(family_dirs):
-    with pytest.raises(InputError, match="--pre qwen-2: not a pre-tokenizer name llama.cpp knows"):
+    with pytest.raises(InputError, match="pre qwen-2: not a pre-tokenizer name llama.cpp knows"):
         read_contract(family_dirs["qwen2"] / "tokenizer.json", pre="qwen-2")
 
 

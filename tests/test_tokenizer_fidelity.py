@@ -17,10 +17,10 @@ from tokenizer_helpers import EXPECTED_PRE, special_ids, write_family_hf_model
 from shipkit.corpus import CorpusConfig, build_corpus
 from shipkit.hf_import import import_hf
 from shipkit.parity import ParityOptions, run_parity
+from shipkit.parity.tokenizer import check_tokenizer, val_documents
 from shipkit.quantize import write_gguf
 from shipkit.tokenize import encode_corpus, read_tokens
 from shipkit.tokenizer_contract import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
-from shipkit.tokenizer_fidelity import check_tokenizer, val_documents
 
 pytest.importorskip("llama_cpp")
 

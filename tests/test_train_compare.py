@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from test_train import MICRO
 
 from shipkit.cli import main
-from shipkit.compare import compare_runs, run_labels
 from shipkit.evidence import read_evidence
-from shipkit.presets import apply_overrides, get_preset
 from shipkit.train import train
+from shipkit.train.compare import compare_runs, run_labels
+from shipkit.train.presets import apply_overrides, get_preset
 
 SHORT_RUN = {**MICRO, "num_steps": 2, "steps_per_epoch": 1}
 
@@ -26,8 +26,8 @@ def short_run_dir(tiny_tokens_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_compare_returns_each_runs_epochs_and_verdicts(tiny_run_dir: Path, short_run_dir: Path) -> None:
-    result = compare_runs([tiny_run_dir, short_run_dir])
-    tiny, short = result["runs"]
+    comparison = compare_runs([tiny_run_dir, short_run_dir])
+    tiny, short = comparison.runs
     assert (len(tiny["epochs"]), len(short["epochs"])) == (3, 2)
     evidence = read_evidence(tiny_run_dir, "training-summary")
     assert tiny["epochs"][2]["val_loss"] == evidence["epochs"][2]["val_loss"]

@@ -9,11 +9,19 @@ import pytest
 import torch
 from test_model import SMALL as SMALL_SHAPE
 
-from shipkit.graphed_step import GraphedTrainStep
-from shipkit.model import CausalLM, ModelConfig
-from shipkit.presets import apply_overrides, get_preset
-from shipkit.train import Trainer, resume, train
-from shipkit.train_step import LanguageModelLoss, build_optimizer, optimizer_tensors, train_step, training_model
+from shipkit.config import ModelConfig
+from shipkit.model import CausalLM
+from shipkit.train import resume, train
+from shipkit.train.graphed_step import GraphedTrainStep
+from shipkit.train.presets import apply_overrides, get_preset
+from shipkit.train.step import (
+    LanguageModelLoss,
+    build_optimizer,
+    optimizer_tensors,
+    train_step,
+    training_model,
+)
+from shipkit.train.trainer import Trainer
 
 SMALL = ModelConfig(**SMALL_SHAPE)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

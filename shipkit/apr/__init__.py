@@ -1,15 +1,16 @@
 """APR v2: the checkpoint container (named tensors + JSON metadata, checksummed, mmap-able).
 
-Spec: docs/apr-format.md. Constants live in `format`, reading and validation in `reader`,
-writing (streamed, tensor by tensor) in `writer`, safetensors conversion in `convert`.
+Spec: docs/apr-format.md. Constants live in `format`; the header, index and footer are parsed
+in `index`, the metadata checked in `metadata`; validating, inspecting and reading (tensor data
+and its checksums) in `reader`; writing (streamed, tensor by tensor) in `writer`; safetensors
+conversion in `convert`.
 """
 
+from shipkit.apr.index import AprIndex, TensorInfo
+from shipkit.apr.metadata import checked_tokenizer_name
 from shipkit.apr.reader import (
     AprCheckpoint,
-    AprIndex,
-    TensorInfo,
     ValidationReport,
-    checked_tokenizer_name,
     inspect_apr,
     read_apr,
     validate_apr,

@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ from shipkit import __version__
 from shipkit.apr import format as fmt
 from shipkit.apr.reader import read_apr
 from shipkit.apr.writer import STREAM_CHUNK_BYTES, TensorSpec, apr_writer, tensor_chunks
+from shipkit.config import ModelConfig
 from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import atomic_write, check_file_target
-from shipkit.model import ModelConfig
 
 METADATA_KEY = "shipkit.apr_metadata"
 APR_SUFFIX = ".apr"
@@ -37,12 +38,22 @@ SAFETENSORS_HEADER_ALIGNMENT = 8
 SAFETENSORS_METADATA_KEY = "__metadata__"
 
 
+@dataclass(frozen=True)
+class ConversionReport:
+    source: Path
+    destination: Path
+    tensor_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": str(self.source), "destination": str(self.destination), "tensors": self.tensor_count}
+
+
 def convert_checkpoint(source: str | os.PathLike[str], destination: str | os.PathLike[str], *,
                        config_path: str | os.PathLike[str] | None = None,
-                       dtype: torch.dtype | None = None) -> int:
-    """Convert `source` to `destination` by their extensions (.safetensors <-> .apr); return the
-    tensor count. `config_path` (a ModelConfig JSON) replaces the metadata's `config`; `dtype`
-    converts every floating-point tensor (default: each keeps its own)."""
+                       dtype: torch.dtype | None = None) -> ConversionReport:
+    """Convert `source` to `destination` by their extensions (.safetensors <-> .apr).
+    `config_path` (a ModelConfig JSON) replaces the metadata's `config`; `dtype` converts every
+    floating-point tensor (default: each keeps its own)."""
     source, destination = Path(source), Path(destination)
     direction = (source.suffix, destination.suffix)
     if direction not in {(SAFETENSORS_SUFFIX, APR_SUFFIX), (APR_SUFFIX, SAFETENSORS_SUFFIX)}:
@@ -57,7 +68,7 @@ def convert_checkpoint(source: str | os.PathLike[str], destination: str | os.Pat
         metadata = checkpoint.metadata if config is None else {**checkpoint.metadata, "config": config}
         write_safetensors(destination, checkpoint.tensors,
                           {"format": "pt", METADATA_KEY: json.dumps(metadata)}, dtype=dtype)
-        return len(checkpoint.tensors)
+        return ConversionReport(source, destination, len(checkpoint.tensors))
     with open_safetensors(source) as handle:
         metadata = _apr_metadata(handle, source)
         if config is not None:
@@ -66,7 +77,7 @@ def convert_checkpoint(source: str | os.PathLike[str], destination: str | os.Pat
         with apr_writer(destination, specs, metadata) as writer:
             for spec in specs:
                 writer.write(spec.name, safetensors_chunks(handle, spec, source))
-    return len(specs)
+    return ConversionReport(source, destination, len(specs))
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],

@@ -14,6 +14,9 @@ import struct
 import torch
 import xxhash
 
+from shipkit.config import WEIGHT_DTYPE_NAMES
+from shipkit.layout import TOKENIZER_FILE
+
 MAGIC = b"\x89APR\r\n\x1a\n"  # PNG-style: the high byte and CR/LF/^Z catch text-mode transfers
 VERSION = 2
 FOOTER_MAGIC = b"APR2END\n"
@@ -55,16 +58,12 @@ DTYPE_SIZES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.it
 # Model weights are floating point; integer and bool tensors belong in resume files (RNG state).
 WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")
 # The float dtypes a checkpoint can be converted to or exported in (`--dtype`), by the names
-# config.json's `torch_dtype` uses.
-CONVERSION_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+# config.json's `torch_dtype` uses (listed torch-free in shipkit.config for the CLI's choices).
+CONVERSION_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WEIGHT_DTYPE_NAMES}
 
 # metadata.tokenizer.file when absent: the tokenizer is looked up beside the checkpoint, then in
-# its parent (a run folder keeps it at RUN_DIR/tokenizer.json).
-DEFAULT_TOKENIZER_FILE = "tokenizer.json"
+# its parent (shipkit.layout.find_tokenizer).
+DEFAULT_TOKENIZER_FILE = TOKENIZER_FILE
 SHA256_HEX_CHARS = 64
 
 

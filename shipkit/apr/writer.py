@@ -24,9 +24,9 @@ import torch
 import xxhash
 
 from shipkit.apr import format as fmt
+from shipkit.config import ModelConfig
 from shipkit.errors import InputError
 from shipkit.fsutil import atomic_write, check_file_target
-from shipkit.model import ModelConfig
 
 # Bytes of one streamed chunk: large enough that per-chunk overhead vanishes against the copy,
 # small enough that the two a conversion holds at once are noise next to a stage's start-up

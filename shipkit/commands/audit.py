@@ -6,21 +6,22 @@ from pathlib import Path
 
 import click
 
-from shipkit.audit import AUDIT_NAME, AuditConfig, audit_tokens
-from shipkit.commands.common import emit, json_option
+from shipkit.commands.common import StageValue, emit, json_option
 from shipkit.errors import IntegrityError
 from shipkit.fsutil import check_file_target
 
 
 @click.command()
 @click.argument("tokens_dir", type=click.Path(path_type=Path))
-@click.option("--window", type=click.IntRange(min=1), default=AuditConfig.window, show_default=True,
-              help="Length of the token windows compared between val and train.")
+@click.option("--window", type=click.IntRange(min=1), default=StageValue("shipkit.audit", "AuditConfig.window"),
+              show_default=True, help="Length of the token windows compared between val and train.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help=f"Where to write the JSON report [default: TOKENS_DIR/{AUDIT_NAME}].")
+              help="Where to write the JSON report [default: TOKENS_DIR/audit.json].")
 @json_option
 def audit(tokens_dir: Path, window: int, out: Path | None, as_json: bool) -> None:
     """Leakage audit of TOKENS_DIR; exit 1 if any val document is also in train."""
+    from shipkit.audit import AuditConfig, audit_tokens
+
     if out is not None:
         check_file_target(out, "--out")
     report = audit_tokens(tokens_dir, AuditConfig(window=window), out)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from shipkit.apr import AprIndex, ValidationReport, inspect_apr, validate_apr
-from shipkit.apr.convert import convert_checkpoint
-from shipkit.apr.format import CONVERSION_DTYPES
 from shipkit.commands.common import emit, json_option
+from shipkit.config import WEIGHT_DTYPE_NAMES
 from shipkit.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from shipkit.apr import AprIndex, ValidationReport
+    from shipkit.apr.convert import ConversionReport
 
 GIB = 1 << 30
 
@@ -23,8 +26,10 @@ GIB = 1 << 30
 @json_option
 def validate(file: Path, expect_tensors: int | None, as_json: bool) -> None:
     """Check every byte of an APR checkpoint; exit 1 and name each defect if any."""
+    from shipkit.apr import validate_apr
+
     report = validate_apr(file, expect_tensors=expect_tensors)
-    emit(report.to_dict(), as_json, lambda _: _render_report(report))
+    emit(report, as_json, _render_report)
     if not report.ok:
         more = len(report.problems) - 1
         raise IntegrityError(f"{file.name}: INVALID: {report.problems[0]}"
@@ -44,20 +49,9 @@ def _render_report(report: ValidationReport) -> str:
 @json_option
 def inspect(file: Path, as_json: bool) -> None:
     """Show an APR checkpoint's metadata and tensor table (name, dtype, shape, bytes)."""
-    index = inspect_apr(file)
-    result = {
-        "path": str(index.path),
-        "version": index.version,
-        "file_size": index.file_size,
-        "root_digest": f"{index.root_digest:016x}",
-        "metadata": index.metadata,
-        "tensors": [
-            {"name": info.name, "dtype": info.dtype, "shape": list(info.shape),
-             "nbytes": info.nbytes}
-            for info in index.tensors
-        ],
-    }
-    emit(result, as_json, lambda _: _render_index(index))
+    from shipkit.apr import inspect_apr
+
+    emit(inspect_apr(file), as_json, _render_index)
 
 
 def _render_index(index: AprIndex) -> str:
@@ -78,13 +72,20 @@ def _render_index(index: AprIndex) -> str:
 @click.argument("destination", type=click.Path(path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="JSON ModelConfig to store in the APR metadata (safetensors has none).")
-@click.option("--dtype", type=click.Choice(list(CONVERSION_DTYPES)), default=None,
+@click.option("--dtype", type=click.Choice(WEIGHT_DTYPE_NAMES), default=None,
               help="Store every floating-point tensor in this dtype [default: each keeps its own].")
 def convert(source: Path, destination: Path, config_path: Path | None, dtype: str | None) -> None:
     """Convert between safetensors and APR, by file extension (.safetensors / .apr), tensor by tensor."""
-    count = convert_checkpoint(source, destination, config_path=config_path,
-                               dtype=None if dtype is None else CONVERSION_DTYPES[dtype])
-    click.echo(f"{source.name} -> {destination.name}: {count} tensors")
+    from shipkit.apr.convert import convert_checkpoint
+    from shipkit.apr.format import CONVERSION_DTYPES
+
+    report = convert_checkpoint(source, destination, config_path=config_path,
+                                dtype=None if dtype is None else CONVERSION_DTYPES[dtype])
+    emit(report, as_json=False, render=_render_conversion)
+
+
+def _render_conversion(report: ConversionReport) -> str:
+    return f"{report.source.name} -> {report.destination.name}: {report.tensor_count} tensors"
 
 
 commands = [validate, inspect, convert]

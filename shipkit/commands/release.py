@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from shipkit.apr.format import CONVERSION_DTYPES
-from shipkit.commands.common import emit, json_option
+from shipkit.commands.common import emit, flag_spelling, json_option
+from shipkit.config import WEIGHT_DTYPE_NAMES
+from shipkit.layout import RunDir
 
 if TYPE_CHECKING:
+    from shipkit.card import CardReport
+    from shipkit.export import ExportReport
     from shipkit.push import PushReport
 
 
@@ -22,23 +25,25 @@ if TYPE_CHECKING:
               help="tokenizer.json (default: the one the checkpoint names, beside it or one folder up).")
 @click.option("--max-shard-bytes", type=click.IntRange(min=1), default=None,
               help="Split model.safetensors into shards of at most this many bytes (default 5e9).")
-@click.option("--dtype", type=click.Choice(list(CONVERSION_DTYPES)), default=None,
+@click.option("--dtype", type=click.Choice(WEIGHT_DTYPE_NAMES), default=None,
               help="The weights' dtype in the export [default: the checkpoint's own].")
 @json_option
 def export(checkpoint: Path, out_dir: Path, tokenizer_path: Path | None, max_shard_bytes: int | None,
            dtype: str | None, as_json: bool) -> None:
     """Export an APR checkpoint as a Hugging Face transformers folder, streamed tensor by tensor."""
+    from shipkit.apr.format import CONVERSION_DTYPES
     from shipkit.export import DEFAULT_MAX_SHARD_BYTES, export_hf
 
-    report = export_hf(checkpoint, out_dir, tokenizer_path=tokenizer_path,
-                       max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
-                       dtype=None if dtype is None else CONVERSION_DTYPES[dtype])
-    result = {"out_dir": str(report.out_dir), "files": report.files, "shards": report.shards,
-              "tensors": report.tensor_count, "tensor_bytes": report.total_bytes, "dtype": report.dtype}
-    emit(result, as_json, lambda r: (
-        f"{r['out_dir']}: {r['tensors']} {r['dtype']} tensors in {r['shards']} safetensors file(s), "
-        f"{len(r['files'])} files"
-    ))
+    with flag_spelling(out_dir="--hf"):
+        report = export_hf(checkpoint, out_dir, tokenizer_path=tokenizer_path,
+                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                           dtype=None if dtype is None else CONVERSION_DTYPES[dtype])
+    emit(report, as_json, _render_export)
+
+
+def _render_export(report: ExportReport) -> str:
+    return (f"{report.out_dir}: {report.tensor_count} {report.dtype} tensors in {report.shards} "
+            f"safetensors file(s), {len(report.files)} files")
 
 
 @click.command()
@@ -50,24 +55,26 @@ def export(checkpoint: Path, out_dir: Path, tokenizer_path: Path | None, max_sha
               help="License id for the front matter (default: the upstream one for imports, else apache-2.0).")
 @click.option("--dataset", "datasets", multiple=True, help="Hub dataset id the model was trained on (repeatable).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The released checkpoint, relative to RUN_DIR (default ckpt/best.apr).")
+              help=f"The released checkpoint, relative to RUN_DIR (default {RunDir.BEST}).")
+@click.option("--templates", "templates_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="A folder of *.j2 card templates, each replacing shipkit's template of the same name.")
 @json_option
 def card(run_dir: Path, repo_id: str | None, gguf_repo_id: str | None, license_: str | None,
-         datasets: tuple[str, ...], checkpoint: Path | None, as_json: bool) -> None:
+         datasets: tuple[str, ...], checkpoint: Path | None, templates_dir: Path | None, as_json: bool) -> None:
     """Render the model cards (and loss plot) of RUN_DIR's release from its evidence."""
     from shipkit.card import render_card
     from shipkit.fsutil import check_folder_target
-    from shipkit.release import DEFAULT_CHECKPOINT
 
     check_folder_target(run_dir, "RUN_DIR")
     report = render_card(run_dir, repo_id=repo_id, gguf_repo_id=gguf_repo_id, license=license_, datasets=datasets,
-                         checkpoint=checkpoint or DEFAULT_CHECKPOINT)
-    result = {"cards": {role: str(path) for role, path in report.cards.items()},
-              "plot": None if report.plot is None else str(report.plot), "manifest": str(report.manifest)}
-    emit(result, as_json, lambda r: "\n".join(
-        [f"{role} card: {path}" for role, path in r["cards"].items()]
-        + ([f"loss plot: {r['plot']}"] if r["plot"] else []) + [f"release manifest: {r['manifest']}"]
-    ))
+                         checkpoint=checkpoint or RunDir.BEST, templates_dir=templates_dir)
+    emit(report, as_json, _render_card)
+
+
+def _render_card(report: CardReport) -> str:
+    return "\n".join([f"{role} card: {path}" for role, path in report.cards.items()]
+                     + ([f"loss plot: {report.plot}"] if report.plot else [])
+                     + [f"release manifest: {report.manifest}"])
 
 
 @click.command()
@@ -84,9 +91,10 @@ def push(run_dir: Path, repo: str, gguf_repo: str | None, private: bool, revisio
     """Push RUN_DIR's release to the Hub (one commit per repo), then verify every file remotely."""
     from shipkit.push import push_release
 
-    report = push_release(run_dir, repo, gguf_repo=gguf_repo, private=private, revision=revision,
-                          dry_run=dry_run, allow_failed_gates=allow_failed_gates)
-    emit(report.to_dict(), as_json, lambda _: render_push(report))
+    with flag_spelling(gguf_repo="--gguf-repo"):
+        report = push_release(run_dir, repo, gguf_repo=gguf_repo, private=private, revision=revision,
+                              dry_run=dry_run, allow_failed_gates=allow_failed_gates)
+    emit(report, as_json, render_push)
     if report.refusals:  # a dry run prints the whole plan first, then fails like the push would
         raise report.refusals[0]
 

@@ -24,7 +24,8 @@ from shipkit.commands.common import emit, json_option
 def ship(config_path: Path | None, out: Path | None, repo: str | None, gguf_repo: str | None, device: str,
          allow_failed_gates: bool, as_json: bool) -> None:
     """Corpus → tokens → train/import → validate → export → quantize → parity → card → gates → push."""
-    from shipkit.ship import DEFAULT_OUT, default_config, load_ship_config, ship as run_ship
+    from shipkit.ship import DEFAULT_OUT, default_config, load_ship_config
+    from shipkit.ship import ship as run_ship
 
     if config_path is not None:
         config = load_ship_config(config_path)

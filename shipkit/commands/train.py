@@ -8,12 +8,15 @@ from typing import Any
 
 import click
 
-from shipkit.commands.common import emit, json_option
-from shipkit.compare import compare_runs, render_comparison, write_comparison_plot
+from shipkit.commands.common import emit, flag_spelling, json_option
 from shipkit.errors import InputError
 from shipkit.fsutil import check_folder_target
-from shipkit.presets import PRESETS, apply_overrides, get_preset, parse_set_options
-from shipkit.train import resume, train
+from shipkit.train.presets import (  # imports no torch: the --preset choices
+    PRESETS,
+    apply_overrides,
+    get_preset,
+    parse_set_options,
+)
 
 DEFAULT_PRESET = "tiny"
 
@@ -82,6 +85,8 @@ def train_command(
     tokenizer.json and evidence/training-summary.json. Multi-GPU: run it under
     `torchrun --nproc-per-node K -m shipkit train ...`.
     """
+    from shipkit.train import resume, train
+
     explicit = {
         "num_steps": num_steps,
         "steps_per_epoch": steps_per_epoch,
@@ -91,7 +96,12 @@ def train_command(
         "seed": seed,
         "early_stop_patience": early_stop_patience,
     }
-    overrides: dict[str, Any] = parse_set_options(set_items)
+    with flag_spelling(overrides="--set"):
+        overrides: dict[str, Any] = parse_set_options(set_items)
+    # The library's errors name the field at fault; on this command line each field came from a flag.
+    flags = {"data_dir": "--data", "device": "--device", "preset": "--preset", "predict": "--predict",
+             **{name: f"--set {name}" for name in overrides},
+             **{name: f"--{name.replace('_', '-')}" for name, value in explicit.items() if value is not None}}
     overrides.update({key: value for key, value in explicit.items() if value is not None})
     for option, folder in (("--out", run_dir), ("--resume", resume_dir)):
         if folder is not None:
@@ -105,22 +115,24 @@ def train_command(
                 "--resume continues with the run's own configuration: only --num-steps, --data, "
                 f"--device and --no-compile may be given (got {', '.join(changed or ['--preset/--out'])})"
             )
-        evidence = resume(
-            resume_dir,
-            num_steps=int(overrides["num_steps"]) if "num_steps" in overrides else None,
-            data_dir=data_dir,
-            device=device,
-            compile_model=not no_compile,
-            progress=not quiet,
-        )
+        with flag_spelling(**(flags | {"run_dir": "--resume"})):
+            evidence = resume(
+                resume_dir,
+                num_steps=int(overrides["num_steps"]) if "num_steps" in overrides else None,
+                data_dir=data_dir,
+                device=device,
+                compile_model=not no_compile,
+                progress=not quiet,
+            )
     else:
         if data_dir is None or run_dir is None:
             raise InputError("train: --data and --out are required (or --resume RUN_DIR)")
-        config = apply_overrides(get_preset(preset or DEFAULT_PRESET), overrides)
-        evidence = train(
-            config, data_dir, run_dir, device=device, compile_model=not no_compile, progress=not quiet,
-            predictions=predictions,
-        )
+        with flag_spelling(**(flags | {"run_dir": "--out"})):
+            config = apply_overrides(get_preset(preset or DEFAULT_PRESET), overrides)
+            evidence = train(
+                config, data_dir, run_dir, device=device, compile_model=not no_compile, progress=not quiet,
+                predictions=predictions,
+            )
     if int(os.environ.get("RANK", "0")) == 0:
         emit(evidence, as_json, _render_summary)
 
@@ -132,14 +144,11 @@ def train_command(
 @json_option
 def compare_command(run_dirs: tuple[Path, ...], plot_path: Path | None, as_json: bool) -> None:
     """Side-by-side table of runs' epochs (train, val, gap, wraps) and their verdicts."""
-    result = compare_runs(list(run_dirs))
-    if plot_path is not None:
-        if plot_path.is_dir():
-            raise InputError(f"--plot {plot_path}: is a folder; give a file name such as loss.png")
-        check_folder_target(plot_path.parent, "--plot")
-        plot_path.parent.mkdir(parents=True, exist_ok=True)
-        result["plot"] = str(write_comparison_plot(result, plot_path))
-    emit(result, as_json, render_comparison)
+    from shipkit.train.compare import compare_runs, render_comparison
+
+    with flag_spelling(plot="--plot"):
+        comparison = compare_runs(list(run_dirs), plot=plot_path)
+    emit(comparison, as_json, render_comparison)
 
 
 commands = [train_command, compare_command]

@@ -1,9 +1,10 @@
-"""GGUF export and llama.cpp-exact quantization (Q4_K_M, Q4_K_S, Q6_K, Q8_0, F16, F32).
+"""GGUF export and quantization with llama-quantize's bytes, with or without an imatrix.
 
-`formats` holds block layouts and constants, `reference` plain per-block quantizers that
-mirror ggml-quants.c, `kquants` the vectorised torch quantizers (CPU or CUDA, same bytes),
-`dequant` the dequantizers, `mix` llama.cpp's per-tensor type choice, `gguf_export` the
-writer and `gguf_load` the reader. Spec and usage: docs/quantize.md.
+`kquants.quantize` is the entry for every type; it runs `torch_quants` (torch, CPU or CUDA),
+`kquant_rows` (the k-quants in C) or `row_quants` (the legacy, IQ4 and float types). `formats`
+holds block layouts and constants, `reference` plain per-block quantizers mirroring
+ggml-quants.c, `mix` llama.cpp's per-tensor type choice, `gguf_export` the writer, `gguf_load`
+the reader and `dequant` the dequantizers (gguf-py's). Spec and usage: docs/quantize.md.
 """
 
 from shipkit.quantize.gguf_export import GgufExport, default_file_name, write_gguf

@@ -1,17 +1,19 @@
-"""Block layouts and constants of the GGML quant formats we write (constants only, no logic).
+"""Block layouts and constants of the GGML quant formats (constants only, no logic).
 
-Byte layouts follow ggml's `block_*` structs (ggml-common.h); every block is little-endian and
-packed without padding. `QK_K` blocks are "super-blocks" of 256 weights split into sub-blocks.
+Block sizes come from gguf-py's `GGML_QUANT_SIZES` (ggml's type traits); byte layouts follow
+ggml's `block_*` structs (ggml-common.h), little-endian and packed without padding. `QK_K` blocks
+are "super-blocks" of 256 weights split into sub-blocks. What gguf-py lacks is defined here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 from gguf import GGMLQuantizationType as QType
 
-QK_K = 256  # weights in a k-quant super-block
-QK8_0 = 32  # weights in a Q8_0 / Q5_0 / Q5_1 block
+QK_K = gguf.QK_K  # weights in a k-quant super-block
+QK8_0 = gguf.GGML_QUANT_SIZES[QType.Q8_0][0]  # weights in a Q8_0 / Q5_0 / Q5_1 block
 
 # ggml-quants.c: a group whose largest |x| is below this is stored as all zeros (Q6_K).
 GROUP_MAX_EPS = 1e-15
@@ -29,15 +31,7 @@ class BlockLayout:
 
 
 BLOCK_LAYOUTS: dict[QType, BlockLayout] = {
-    QType.F32: BlockLayout(1, 4),
-    QType.F16: BlockLayout(1, 2),
-    QType.Q8_0: BlockLayout(QK8_0, 2 + QK8_0),  # d:f16, qs:int8[32]
-    QType.Q5_0: BlockLayout(QK8_0, 2 + 4 + 16),  # d:f16, qh:u32, qs:u8[16]
-    QType.Q5_1: BlockLayout(QK8_0, 2 + 2 + 4 + 16),  # d:f16, m:f16, qh:u32, qs:u8[16]
-    QType.Q4_K: BlockLayout(QK_K, 2 + 2 + 12 + QK_K // 2),  # d, dmin:f16, scales:u8[12], qs:u8[128]
-    QType.Q5_K: BlockLayout(QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # ... qh:u8[32], qs:u8[128]
-    QType.Q6_K: BlockLayout(QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql, qh, scales:i8, d
-}
+    qtype: BlockLayout(weights, nbytes) for qtype, (weights, nbytes) in gguf.GGML_QUANT_SIZES.items()}
 
 
 @dataclass(frozen=True)

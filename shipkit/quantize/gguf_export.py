@@ -19,13 +19,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
 import torch
 
 from shipkit.apr import read_apr
+from shipkit.config import ModelConfig, parameter_count
 from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import (
     check_file_target,
@@ -36,7 +37,7 @@ from shipkit.fsutil import (
     sha256_file,
     temp_path,
 )
-from shipkit.model import ModelConfig, parameter_count
+from shipkit.layout import RunDir, find_tokenizer
 from shipkit.quantize import kquants, mix
 from shipkit.quantize.formats import BLOCK_LAYOUTS, QType
 from shipkit.quantize.gguf_source import add_source_metadata
@@ -53,7 +54,6 @@ from shipkit.quantize.tensor_names import (
 )
 from shipkit.tokenizer_contract import read_contract
 
-TOKENIZER_FILE = "tokenizer.json"
 GGUF_SUFFIX = ".gguf"
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Values checked for NaN/Inf per pass: the temporaries of this many stay small next to a tensor.
@@ -61,8 +61,23 @@ FINITE_CHECK_CHUNK = 1 << 24
 # The exponent bits of the 16-bit floats: all of them set is an Inf or a NaN. Reading the bits
 # checks a bf16 tensor 6x faster here than converting it to float32 first.
 NON_FINITE_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-# (GGUF name, values in llama.cpp's layout, GGML type): one tensor ready to encode.
-PlannedTensor = tuple[str, torch.Tensor, QType]
+# What llama-quantize writes about an importance matrix (tools/quantize/quantize.cpp).
+IMATRIX_FILE_KEY = "quantize.imatrix.file"
+IMATRIX_DATASET_KEY = "quantize.imatrix.dataset"
+IMATRIX_ENTRIES_KEY = "quantize.imatrix.entries_count"
+IMATRIX_CHUNKS_KEY = "quantize.imatrix.chunks_count"
+# llama-quantize keeps the first 127 bytes of a string it writes there (a fixed char[128]).
+IMATRIX_STRING_BYTES = 127
+
+
+class PlannedTensor(NamedTuple):
+    """One tensor ready to encode: GGUF name, values in llama.cpp's layout, GGML type, and the
+    importance of its columns (float32 (n_cols,)) when an imatrix holds it."""
+
+    name: str
+    values: torch.Tensor
+    qtype: QType
+    importance: np.ndarray | None = None
 
 
 @dataclass
@@ -77,27 +92,18 @@ class GgufExport:
     nbytes: int
     seconds: float
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensors
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    imatrix: dict[str, Any] | None = None  # `imatrix_record` of the file used, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "file_type": self.file_type,
             "architecture": self.architecture, "tensor_count": self.tensor_count,
             "weights": self.weights, "bytes": self.nbytes, "seconds": round(self.seconds, 3),
-            "tensor_types": self.tensor_types,
+            "tensor_types": self.tensor_types, "output_tensor_type": self.output_tensor_type,
+            "token_embedding_type": self.token_embedding_type, "imatrix": self.imatrix,
         }
-
-
-def find_tokenizer(ckpt_path: Path, tokenizer_path: str | os.PathLike[str] | None) -> Path:
-    """The tokenizer given, else `<ckpt dir>/../tokenizer.json`, else `<ckpt dir>/tokenizer.json`."""
-    if tokenizer_path is not None:
-        candidates = [Path(tokenizer_path)]
-    else:
-        candidates = [ckpt_path.parent.parent / TOKENIZER_FILE, ckpt_path.parent / TOKENIZER_FILE]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"no tokenizer found at {' or '.join(map(str, candidates))} "
-                     "(pass --tokenizer PATH)")
 
 
 def _checked_values(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -123,6 +129,10 @@ def _all_finite(values: torch.Tensor) -> bool:
 
 
 def _float_payload(values: torch.Tensor, qtype: QType) -> np.ndarray:
+    """F32, F16 or BF16 values; torch's casts round to nearest even, as ggml's row converters do
+    (BF16 as its bits: numpy has no bfloat16)."""
+    if qtype == QType.BF16:
+        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy()
     return values.to(torch.float16 if qtype == QType.F16 else torch.float32).cpu().numpy()
 
 
@@ -137,58 +147,112 @@ def default_file_name(base_name: str, config: ModelConfig, file_type: str) -> st
 
 def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[str], qtype: str,
                *, tokenizer_path: str | os.PathLike[str] | None = None, device: str = "cpu",
-               base_name: str | None = None, pre: str | None = None) -> GgufExport:
-    """Export a weights APR to GGUF with file type `qtype` (Q4_K_M, Q4_K_S, Q6_K, Q8_0, F16, F32).
+               base_name: str | None = None, pre: str | None = None,
+               imatrix: str | os.PathLike[str] | None = None, output_tensor_type: str | None = None,
+               token_embedding_type: str | None = None) -> GgufExport:
+    """Export a weights APR to GGUF with file type `qtype` (a name of `mix.FILE_TYPES`: Q2_K …
+    Q8_0, IQ4_NL, IQ4_XS, BF16, F16, F32), every tensor as llama-quantize would write it.
 
     `out_path` is the .gguf file, or a folder (any path not ending in .gguf, created if need
-    be) to hold `<BaseName>-<SizeLabel>-<Type>.gguf`. The tokenizer keys come from the
-    tokenizer's contract (shipkit.tokenizer_contract); `pre` names llama.cpp's pre-tokenizer
-    instead of the detected one (an expert's override).
-    Raises InputError for a missing/unsupported input or an `out_path` of the wrong kind (a
-    file where a folder is meant, or the reverse), IntegrityError for NaN/Inf weights or a
-    full disk.
+    be) to hold `<BaseName>-<SizeLabel>-<Type>.gguf`. The tokenizer is `tokenizer_path` or the
+    one the checkpoint names, beside it then one folder up (`shipkit.layout.find_tokenizer`, as
+    export finds it); its keys come from the tokenizer's contract (shipkit.tokenizer_contract); `pre` names llama.cpp's pre-tokenizer
+    instead of the detected one (an expert's override). `imatrix` is an importance matrix file
+    (llama.cpp's GGUF imatrix format, checked against this model's tensors); `output_tensor_type`
+    and `token_embedding_type` are GGML type names that replace the mix's choice for those two
+    tensors, as llama-quantize's options of the same names do.
+    Raises InputError for a missing/unsupported input, an imatrix of another model or an
+    `out_path` of the wrong kind (a file where a folder is meant, or the reverse),
+    IntegrityError for NaN/Inf weights, a tokenizer other than the recorded one or a full disk.
     """
     started = time.perf_counter()
     spec = mix.file_type(qtype)
+    output_type = None if output_tensor_type is None else mix.override_type(output_tensor_type, "output tensor type")
+    embedding_type = (None if token_embedding_type is None
+                      else mix.override_type(token_embedding_type, "token embedding type"))
     out_path = Path(out_path)
     _check_out_path(out_path)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available (use --device cpu)")
+        raise InputError(f"device {device}: no CUDA device is available (use cpu)")
     ckpt_path = Path(ckpt_path)
     checkpoint = read_apr(ckpt_path)
     if "config" not in checkpoint.metadata:
         raise InputError(f"{ckpt_path}: no model config in its metadata (not a weights checkpoint)")
     config = ModelConfig.from_dict(checkpoint.metadata["config"])
-    tokenizer_file = find_tokenizer(ckpt_path, tokenizer_path)
+    tokenizer_file = find_tokenizer(ckpt_path, checkpoint.metadata, tokenizer_path)
     contract = read_contract(tokenizer_file, pre=pre or _recorded_pre(checkpoint.metadata, tokenizer_file),
                              model_config=config.to_dict())
     tokenizer = read_tokenizer(tokenizer_file, config.vocab_size)
     base_name = base_name or _default_base_name(ckpt_path)
     if _names_a_folder(out_path):
         out_path = out_path / default_file_name(base_name, config, spec.name)
-        check_file_target(out_path, "--out")
+        check_file_target(out_path, "out_path")
+    matrix = None if imatrix is None else _load_imatrix(Path(imatrix))
+    quant_mix = mix.Mix(spec, output_type=output_type, token_embedding_type=embedding_type,
+                        has_imatrix=matrix is not None and bool(matrix.importance))
 
+    derived = derived_tensors(config)
+    table = [*((tensor.name, tuple(tensor.values.shape), tensor.qtype) for tensor in derived),
+             *(tensor_entry(name, tuple(tensor.shape), config, quant_mix)
+               for name, tensor in checkpoint.tensors.items())]
+    record = None
+    if matrix is not None:
+        matrix.check_model({target: shape for target, shape, _ in table}, source=ckpt_path)
+        record = imatrix_record(Path(imatrix), matrix)
     writer = gguf.GGUFWriter(None, gguf_architecture(config))
     _add_metadata(writer, config, spec, base_name)
     add_tokenizer(writer, tokenizer, contract, architecture=config.architecture)
     source = checkpoint.metadata.get("producer", {}).get("source")
     add_source_metadata(writer, source if isinstance(source, dict) else {})  # convert records a file name
-    derived = derived_tensors(config)
-    table = [*((target, tuple(values.shape), ggml_type) for target, values, ggml_type in derived),
-             *(tensor_entry(name, tuple(tensor.shape), config, spec) for name, tensor in checkpoint.tensors.items())]
+    if record is not None:
+        _add_imatrix_keys(writer, record)
     tensor_bytes = sum(_add_tensor_info(writer, *entry) for entry in table)
+    importance = matrix.importance if matrix is not None else None
 
     def planned() -> Iterator[PlannedTensor]:
         yield from derived
         for name, tensor in checkpoint.tensors.items():
-            yield plan_tensor(name, tensor, config, spec)
+            yield plan_tensor(name, tensor, config, quant_mix, importance)
 
     _write_atomically(writer, out_path, planned(), device, tensor_bytes)
     counts = Counter(ggml_type.name for _, _, ggml_type in table)
     return GgufExport(path=out_path, file_type=spec.name, architecture=config.architecture,
                       tensor_count=len(table), weights=sum(math.prod(shape) for _, shape, _ in table),
                       nbytes=out_path.stat().st_size, seconds=time.perf_counter() - started,
-                      tensor_types=dict(sorted(counts.items())))
+                      tensor_types=dict(sorted(counts.items())),
+                      output_tensor_type=output_type.name if output_type else None,
+                      token_embedding_type=embedding_type.name if embedding_type else None,
+                      imatrix=record)
+
+
+def _load_imatrix(path: Path) -> Any:
+    """The imatrix stage's reader, imported only when a file is given."""
+    from shipkit.imatrix import load_imatrix
+
+    return load_imatrix(path)
+
+
+def imatrix_record(path: Path, matrix: Any) -> dict[str, Any]:
+    """What the evidence and the GGUF keep of an importance matrix: the file name (not its local
+    folder: the GGUF is published), sha256, entry and chunk counts, dataset and calibration."""
+    return {"file": path.name, "sha256": sha256_file(path), "entries": len(matrix.importance),
+            "chunks": int(matrix.chunk_count), "dataset": matrix.datasets[0] if matrix.datasets else None,
+            "calibration": matrix.calibration}
+
+
+def _add_imatrix_keys(writer: gguf.GGUFWriter, record: dict[str, Any]) -> None:
+    """llama-quantize's keys for an imatrix; the counts as uint32, as its integer overrides are."""
+    writer.add_string(IMATRIX_FILE_KEY, _clipped(record["file"]))
+    if record["dataset"] is not None:
+        writer.add_string(IMATRIX_DATASET_KEY, _clipped(record["dataset"]))
+    writer.add_uint32(IMATRIX_ENTRIES_KEY, record["entries"])
+    if record["chunks"] > 0:
+        writer.add_uint32(IMATRIX_CHUNKS_KEY, record["chunks"])
+
+
+def _clipped(text: str) -> str:
+    """`text` cut to llama-quantize's 127 bytes (on a character boundary)."""
+    return text.encode()[:IMATRIX_STRING_BYTES].decode(errors="ignore")
 
 
 def _add_tensor_info(writer: gguf.GGUFWriter, target: str, shape: tuple[int, ...], ggml_type: QType) -> int:
@@ -213,34 +277,33 @@ def _names_a_folder(out_path: Path) -> bool:
 def _check_out_path(out_path: Path) -> None:
     """Refuse, before any work, an `out_path` that cannot be written as what it names."""
     if not _names_a_folder(out_path):
-        check_file_target(out_path, "--out")
+        check_file_target(out_path, "out_path")
     elif os.path.lexists(out_path) and not out_path.is_dir():
-        raise InputError(f"--out {out_path}: is a file without the {GGUF_SUFFIX} suffix; "
+        raise InputError(f"out_path {out_path}: is a file without the {GGUF_SUFFIX} suffix; "
                          f"give a {GGUF_SUFFIX} path or a folder")
     else:
-        check_folder_target(out_path, "--out")
+        check_folder_target(out_path, "out_path")
 
 
-def tensor_entry(name: str, shape: tuple[int, ...], config: ModelConfig, spec: mix.FileType
+def tensor_entry(name: str, shape: tuple[int, ...], config: ModelConfig, quant_mix: mix.Mix
                  ) -> tuple[str, tuple[int, ...], QType]:
     """(GGUF name, shape, GGML type) of a checkpoint tensor, from its name and shape alone."""
     target = gguf_name(name)
     if target is None:
         raise InputError(f"tensor {name}: no GGUF equivalent for architecture {config.architecture}")
-    ggml_type = mix.tensor_type(target, shape, spec, n_layers=config.num_hidden_layers,
-                                tied=config.tie_word_embeddings)
-    return target, shape, ggml_type
+    return target, shape, quant_mix.tensor_type(target, shape, mix.ModelShape.of(config))
 
 
-def plan_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, spec: mix.FileType) -> PlannedTensor:
-    """(GGUF name, values in llama.cpp's layout and the checkpoint's dtype, GGML type) of one
-    checkpoint tensor."""
-    target, _, ggml_type = tensor_entry(name, tuple(tensor.shape), config, spec)
+def plan_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, quant_mix: mix.Mix,
+                importance: dict[str, np.ndarray] | None = None) -> PlannedTensor:
+    """One checkpoint tensor ready to encode: values in llama.cpp's layout and the checkpoint's
+    dtype, with its columns' importance where `importance` (GGUF name -> vector) holds it."""
+    target, _, ggml_type = tensor_entry(name, tuple(tensor.shape), config, quant_mix)
     values = _checked_values(name, tensor)
     heads = rope_heads(name, config)
     if heads is not None:
         values = to_interleaved(values, heads)
-    return target, values, ggml_type
+    return PlannedTensor(target, values, ggml_type, (importance or {}).get(target))
 
 
 def derived_tensors(config: ModelConfig) -> list[PlannedTensor]:
@@ -249,23 +312,15 @@ def derived_tensors(config: ModelConfig) -> list[PlannedTensor]:
     if config.rope_scaling is None:
         return []
     factors = rope_freq_factors(config.head_dim, config.rope_theta, config.rope_scaling)
-    return [(ROPE_FREQS, factors, QType.F32)]
+    return [PlannedTensor(ROPE_FREQS, factors, QType.F32)]
 
 
-def encode_tensors(plan: list[PlannedTensor], device: str) -> list[np.ndarray]:
-    """Payloads in plan order; the quantized tensors of each type in one `quantize_many`."""
-    payloads: list[np.ndarray | None] = [None] * len(plan)
-    by_type: dict[QType, list[int]] = {}
-    for index, (_, values, ggml_type) in enumerate(plan):
-        if ggml_type in (QType.F32, QType.F16):
-            payloads[index] = _float_payload(values, ggml_type)
-        else:
-            by_type.setdefault(ggml_type, []).append(index)
-    for ggml_type, indices in by_type.items():
-        encoded = kquants.quantize_many([plan[i][1] for i in indices], ggml_type, device=device)
-        for index, blocks in zip(indices, encoded):
-            payloads[index] = blocks.reshape(plan[index][1].shape[0], -1)
-    return payloads
+def encode_tensor(tensor: PlannedTensor, device: str) -> np.ndarray:
+    """The tensor's payload: its values as F32/F16/BF16, or its rows of quant blocks."""
+    if tensor.qtype in mix.FLOAT_TYPES:
+        return _float_payload(tensor.values, tensor.qtype)
+    blocks = kquants.quantize(tensor.values, tensor.qtype, device=device, importance=tensor.importance)
+    return blocks.reshape(tensor.values.shape[0], -1)
 
 
 def _recorded_pre(metadata: dict[str, Any], tokenizer_file: Path) -> str | None:
@@ -279,7 +334,7 @@ def _recorded_pre(metadata: dict[str, Any], tokenizer_file: Path) -> str | None:
 def _default_base_name(ckpt_path: Path) -> str:
     """The run folder's name for RUN_DIR/ckpt/x.apr, else the checkpoint's stem."""
     folder = ckpt_path.resolve().parent
-    return folder.parent.name if folder.name == "ckpt" else ckpt_path.stem
+    return folder.parent.name if folder.name == RunDir.CKPT else ckpt_path.stem
 
 
 def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, spec: mix.FileType,
@@ -344,7 +399,7 @@ def _write_atomically(writer: gguf.GGUFWriter, path: Path, tensors: Iterable[Pla
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for entry in tensors:
-                _write_tensor(writer, encode_tensors([entry], device)[0], path.parent)
+                _write_tensor(writer, encode_tensor(entry, device), path.parent)
             writer.close()
             fsync_file(temporary)
             os.replace(temporary, path)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from shipkit.config import ModelConfig
 from shipkit.errors import InputError, IntegrityError
-from shipkit.model import ModelConfig
 from shipkit.quantize.dequant import dequantize
 from shipkit.quantize.formats import QType
 from shipkit.quantize.tensor_names import (

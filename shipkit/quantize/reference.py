@@ -2,7 +2,7 @@
 
 They mirror the reference quantizers of llama.cpp's ggml-quants.c (no importance matrix)
 operation by operation in float32, so they are slow and exact: the vectorised quantizers in
-`kquants` are tested against them, and they against llama.cpp itself. Each takes a 1-D
+`torch_quants` are tested against them, and they against llama.cpp itself. Each takes a 1-D
 float32 array (a whole number of blocks) and returns the encoded bytes.
 """
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from shipkit.model import ModelConfig
+from shipkit.config import ModelConfig
 
 # HF family -> GGUF general.architecture: to llama.cpp a Mistral without a sliding window is a llama.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
