@@ -16,9 +16,9 @@ once.
     PYTHONPATH=.:$DEPS python benchmarks/bench_ladder.py --preset model-2 --device cuda \\
         --num-steps 600 --out /tmp/ladder-gpu --check
 
+`--tokens DIR --checkpoint APR` scores an existing model instead of training one.
 OUT gets `ladder.json` (machine, phase seconds, the table) and `parity.json` (the parity run's
-evidence, every file's section). `--tokens DIR` reuses a prepared tokens folder; `--check`
-exits 1 unless both targets are met.
+evidence, every file's section). `--check` exits 1 unless both targets are met.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=Path, help="a prepared tokens folder (default: build the stdlib's)")
+    parser.add_argument("--checkpoint", type=Path, help="a trained weights .apr on --tokens (skips training)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--num-steps", type=int, help="training steps (default: the preset's)")
     parser.add_argument("--device", default="cpu")
@@ -139,7 +140,7 @@ def main() -> int:
     seconds["tokens"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    checkpoint = train_model(args, tokens, work / "run")
+    checkpoint = args.checkpoint or train_model(args, tokens, work / "run")
     seconds["train"] = time.perf_counter() - started
 
     started = time.perf_counter()

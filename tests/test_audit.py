@@ -12,7 +12,13 @@ from click.testing import CliRunner
 from shipkit.audit import AuditConfig, audit_tokens, window_hashes
 from shipkit.cli import main
 from shipkit.corpus import CorpusConfig, build_corpus
-from shipkit.tokenize import MANIFEST_FORMAT, ShardWriter, TokenizerConfig, encode_corpus, train_tokenizer
+from shipkit.tokenize import (
+    MANIFEST_FORMAT,
+    ShardWriter,
+    TokenizerConfig,
+    encode_corpus,
+    train_tokenizer,
+)
 
 EOT = 0
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
-
 from release_helpers import tokenizer_section
+
 from shipkit.apr import inspect_apr
 from shipkit.card import render_card
 from shipkit.cli import main

@@ -14,13 +14,13 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import hostile
 from hostile import assert_refused, run_cli, run_cli_process
+
 from shipkit.corpus import MAX_DOCUMENT_BYTES, MAX_JSONL_LINE_BYTES, MAX_LINE_CHARS
 from shipkit.tokenize import MANIFEST_FORMAT, ShardWriter
 

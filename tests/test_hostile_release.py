@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
-from huggingface_hub import constants as hf_constants
-
 from hostile import assert_refused, run_cli
 from hubserver import HubServer
+from huggingface_hub import constants as hf_constants
 from release_helpers import build_release_run, write_gates
+
 from shipkit.card import render_card
 
 REPO = "shipkit-org/tiny-code"

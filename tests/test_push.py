@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import constants as hf_constants
-
 from hubserver import HubServer
+from huggingface_hub import constants as hf_constants
 from release_helpers import build_release_run, tokenizer_section, write_gates
+
 from shipkit.card import render_card
 from shipkit.cli import main
 from shipkit.errors import GateFailed, HubError, IntegrityError

@@ -8,7 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define GROUP_MAX_EPS 1e-15f  /* ggml-quants.c: a group whose max |x| is below it is stored as zeros */
+#define GROUP_MAX_EPS 1e-15f  /* ggml-quants.c: a group with max |x| below it is all zeros */
 #define INLINE static inline __attribute__((always_inline))
 
 /* ggml's nearest_int: the float add rounds to an integer (half to even) and the low mantissa
@@ -20,7 +20,8 @@ INLINE int nearest_int(float value) {
     return (bits & 0x007fffff) - 0x00400000;
 }
 
-INLINE int clamp_int(int value, int lo, int hi) {  /* two selects: a nested ?: stops gcc vectorising */
+/* Two plain selects: a nested ?: stops gcc vectorising the loops that call it. */
+INLINE int clamp_int(int value, int lo, int hi) {
     value = value < lo ? lo : value;
     return value > hi ? hi : value;
 }
