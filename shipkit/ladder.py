@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from shipkit.contract import Threshold
 from shipkit.errors import InputError
 from shipkit.evidence import PASS
 from shipkit.imatrix.options import DEFAULT_CTX, DEFAULT_N_TOKENS, MAX_N_TOKENS, MIN_CTX
@@ -195,8 +196,7 @@ def recommend(parity: dict[str, Any]) -> dict[str, Any] | None:
 def _within(line: dict[str, Any], yardstick: dict[str, dict[str, Any]]) -> bool:
     for engine, measured in line["engines"].items():
         for metric, check in yardstick.get(engine, {}).items():
-            value = measured["metrics"].get(metric)
-            if value is None or not (value <= check["limit"] if check["direction"] == "max" else value >= check["limit"]):
+            if not Threshold(check["limit"], check["direction"], "").passes(measured["metrics"].get(metric)):
                 return False
     return True
 

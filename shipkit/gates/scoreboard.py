@@ -34,8 +34,7 @@ from shipkit.gates.view import Gate, RunView, load_run
 from shipkit.layout import RunDir
 
 SCHEMA_VERSION = 1
-CATEGORIES = ("TRAIN", "CHECKPOINT", "PARITY", "CARD", "RELEASE", "FALSIFIERS")
-# Each category's gates, in the order of CATEGORIES: the order of the scoreboard.
+# Each category's gates (TRAIN, CHECKPOINT, PARITY, CARD, RELEASE, FALSIFIERS): the scoreboard's order.
 GATE_GROUPS: tuple[Callable[[RunView], list[Gate]], ...] = (
     train_gates, checkpoint_gates, parity_gates, card_gates, release_gates, falsifier_gates,
 )

@@ -12,7 +12,7 @@ Who computes what, and why:
   NaN as 0x7e00 while numpy keeps its payload, so NaNs are set to ggml's value.
 - Q4_0, Q4_1, Q5_0, Q5_1 (with and without importance), IQ4_NL, IQ4_XS: the C in row_quants.c
   (compiled on first use by `native_build`, run over row chunks on every core). gguf-py has no weighted search nor IQ4 quantizer, and
-  its Q4_0/Q4_1 (like kquants' torch Q5_0/Q5_1) store +0 where ggml stores -0 for a block of
+  its Q4_0/Q4_1 store +0 where ggml stores -0 for a block of
   zeros that starts with -0.0 (ggml's running max starts at +0, numpy's argmax takes the -0).
 """
 

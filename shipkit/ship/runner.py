@@ -21,6 +21,7 @@ from shipkit.evidence import (
     TRAINING_EVIDENCE,
 )
 from shipkit.fsutil import sha256_file, write_json
+from shipkit.ladder import headline_engine, ladder_rows
 from shipkit.ship.config import SUMMARY_FILE, ModelSpec, ShipConfig
 from shipkit.ship.ledger import StageLedger, sha256_json
 from shipkit.ship.preflight import check_before_stages
@@ -161,20 +162,22 @@ class ModelShipper:
         }
 
 
+SUMMARY_METRICS = ("kl_mean", "same_top_pct", "ppl_ratio")
+
+
 def _parity_headline(parity: dict[str, Any]) -> dict[str, Any]:
-    """The torch engine's headline metrics from evidence/parity.json."""
-    engine = parity["engines"].get("torch") or next(iter(parity["engines"].values()))
-    metrics = engine["metrics"]
-    return {key: metrics.get(key) for key in ("kl_mean", "same_top_pct", "ppl_ratio")}
+    """The headline engine's metrics from evidence/parity.json (torch where it ran)."""
+    metrics = parity["engines"][headline_engine(parity["engines"])]["metrics"]
+    return {key: metrics.get(key) for key in SUMMARY_METRICS}
 
 
 def _parity_ladder(parity: dict[str, Any]) -> dict[str, Any]:
     """Of a ladder's parity run, each file's verdict and headline (nothing for one file)."""
     if "files" not in parity:
         return {}
-    return {"files": [{"name": line["name"], "verdict": line["verdict"], "bits_per_weight": line["bits_per_weight"],
-                       **{key: line["metrics"][key] for key in ("kl_mean", "same_top_pct", "ppl_ratio")}}
-                      for line in parity["files"]]}
+    return {"files": [{"name": row["name"], "verdict": row["verdict"], "bits_per_weight": row["bits_per_weight"],
+                       **{key: row[key] for key in SUMMARY_METRICS}}
+                      for row in ladder_rows(parity)]}
 
 
 def _file_digest(path: str | None) -> str | None:
