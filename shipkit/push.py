@@ -357,6 +357,8 @@ def _hub_errors(token: str, action: str) -> Iterator[None]:
     except (httpx2.HTTPError, OSError, RuntimeError, ValueError) as error:
         cause = error.__cause__ or error
         raise HubError(_scrub(f"{action}: {type(cause).__name__}: {cause}", token)) from None
+    except Exception as error:  # anything else the client raises may quote the token too
+        raise HubError(_scrub(f"{action}: unexpected {type(error).__name__}: {error}", token)) from None
 
 
 def _scrub(message: str, token: str) -> str:

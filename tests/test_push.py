@@ -260,3 +260,12 @@ def test_push_reports_a_missing_token_on_one_line(run_dir, hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(HubError, match="no Hugging Face token: set HF_TOKEN"):
         push_release(run_dir, REPO)
+
+
+def test_an_unexpected_client_exception_becomes_one_hub_error_without_the_token() -> None:
+    from shipkit.push import _hub_errors
+
+    with pytest.raises(HubError) as caught, _hub_errors("hf_secretTOKEN123", "upload"):
+        raise TypeError("header value 'Bearer hf_secretTOKEN123' is not a str")
+    assert "hf_secretTOKEN123" not in str(caught.value)
+    assert str(caught.value).startswith("upload: unexpected TypeError:")
