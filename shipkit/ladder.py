@@ -25,7 +25,7 @@ from typing import Any
 from shipkit.contract import Threshold
 from shipkit.errors import InputError
 from shipkit.evidence import PASS
-from shipkit.imatrix.options import DEFAULT_CTX, DEFAULT_N_TOKENS, MAX_N_TOKENS, MIN_CTX
+from shipkit.imatrix.options import DEFAULT_CTX, DEFAULT_N_TOKENS, check_sizes
 
 # The released importance matrix, in the GGUF repo beside the files quantized with it. A fixed
 # name: every file's quantize.imatrix.file key names it, and a reader finds it without a listing.
@@ -120,11 +120,7 @@ def parse_imatrix(value: bool | dict[str, Any]) -> ImatrixSettings | None:
         if not isinstance(item, int) or isinstance(item, bool):
             raise InputError(f"{key} must be an integer, got {json.dumps(item)}")
     settings = ImatrixSettings(**value)
-    if settings.ctx < MIN_CTX:
-        raise InputError(f"ctx {settings.ctx}: at least {MIN_CTX} (llama-imatrix ignores shorter products)")
-    if not settings.ctx <= settings.n_tokens <= MAX_N_TOKENS:
-        raise InputError(f"n_tokens {settings.n_tokens}: between one chunk (ctx {settings.ctx}) and "
-                         f"{MAX_N_TOKENS:,} (the file's counts are float32)")
+    check_sizes(settings.n_tokens, settings.ctx)
     return settings
 
 

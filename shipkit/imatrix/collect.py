@@ -28,7 +28,7 @@ from shipkit.device import resolve_device
 from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import check_file_target, sha256_file, write_json
 from shipkit.imatrix.format import CALIBRATION_SPLIT, Calibration, split_sha256
-from shipkit.imatrix.options import DEFAULT_CTX, DEFAULT_N_TOKENS, MAX_N_TOKENS, MIN_CTX
+from shipkit.imatrix.options import DEFAULT_CTX, DEFAULT_N_TOKENS, check_sizes
 from shipkit.imatrix.writer import write_imatrix_file
 from shipkit.layout import TOKENIZER_FILE
 from shipkit.model import decoder_layer, rope_tables
@@ -103,11 +103,7 @@ def _check_request(out_path: Path, n_tokens: int, ctx: int) -> None:
         raise InputError(f"out_path {out_path}: give a {FILE_SUFFIX} file (its calibration record "
                          "is written beside it as .json)")
     check_file_target(out_path, "out_path")
-    if ctx < MIN_CTX:
-        raise InputError(f"ctx {ctx}: at least {MIN_CTX} (llama-imatrix ignores shorter products)")
-    if not ctx <= n_tokens <= MAX_N_TOKENS:
-        raise InputError(f"n_tokens {n_tokens}: between one chunk (ctx {ctx}) and {MAX_N_TOKENS:,} "
-                         "(the file's counts are float32)")
+    check_sizes(n_tokens, ctx)
 
 
 def _weights_checkpoint(path: Path) -> AprCheckpoint:
