@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -314,3 +314,27 @@ def make_out_dir(out_dir: Path, field: str = "out_dir") -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"{field} {out_dir}: cannot create the folder ({error.strerror})") from None
+
+
+def write_gguf_atomically(writer: Any, path: Path, write_body: Callable[[], None], what: str,
+                          needed: int | None = None) -> None:
+    """Write a gguf-py `GGUFWriter` through `.NAME.PID.tmp` beside `path`: its header, then
+    `write_body()` (the KV data, tensor info and tensors, in the writer's order), then fsync and
+    rename over `path`. A failed or killed write leaves any previous `path` whole, and the next
+    write of `path` removes a killed writer's temp file; a full disk is one IntegrityError line
+    naming `what`."""
+    temporary = temp_path(path)
+    with reporting_full_disk(path.parent, what, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        try:
+            writer.write_header_to_file(path=temporary)
+            write_body()
+            writer.close()
+            fsync_file(temporary)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                writer.close()
+            temporary.unlink(missing_ok=True)
+            raise

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,10 +10,7 @@ import numpy as np
 
 from shipkit.fsutil import (
     check_file_target,
-    fsync_file,
-    remove_stale_temps,
-    reporting_full_disk,
-    temp_path,
+    write_gguf_atomically,
 )
 from shipkit.imatrix.format import (
     CALIBRATION_KEY_PREFIX,
@@ -47,23 +42,9 @@ def write_imatrix_file(path: Path, sums: Mapping[str, np.ndarray], count: int, c
     for name in sorted(sums):
         writer.add_tensor(name + SUMS_SUFFIX, np.asarray(sums[name], dtype=np.float32).reshape(1, -1))
         writer.add_tensor(name + COUNTS_SUFFIX, np.full((1, 1), count, dtype=np.float32))
-    _write_atomically(writer, path)
 
+    def write_body() -> None:
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
 
-def _write_atomically(writer: gguf.GGUFWriter, path: Path) -> None:
-    temporary = temp_path(path)
-    with reporting_full_disk(path.parent, path.name):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        try:
-            writer.write_header_to_file(path=temporary)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            fsync_file(temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                writer.close()
-            temporary.unlink(missing_ok=True)
-            raise
+    write_gguf_atomically(writer, path, write_body, path.name)

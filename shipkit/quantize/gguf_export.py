@@ -9,14 +9,13 @@ encoding are held, whatever the model's size.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,11 +30,8 @@ from shipkit.errors import InputError, IntegrityError
 from shipkit.fsutil import (
     check_file_target,
     check_folder_target,
-    fsync_file,
-    remove_stale_temps,
-    reporting_full_disk,
     sha256_file,
-    temp_path,
+    write_gguf_atomically,
 )
 from shipkit.layout import RunDir, find_tokenizer
 from shipkit.quantize import kquants, mix
@@ -214,7 +210,15 @@ def write_gguf(ckpt_path: str | os.PathLike[str], out_path: str | os.PathLike[st
         for name, tensor in checkpoint.tensors.items():
             yield plan_tensor(name, tensor, config, quant_mix, importance)
 
-    _write_atomically(writer, out_path, planned(), device, tensor_bytes)
+
+    def write_body() -> None:
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for entry in planned():
+            _write_tensor(writer, encode_tensor(entry, device), out_path.parent)
+
+    # a killed or failed write leaves any previous file whole (fsutil.write_gguf_atomically)
+    write_gguf_atomically(writer, out_path, write_body, f"the tensor data of {out_path.name}", tensor_bytes)
     counts = Counter(ggml_type.name for _, _, ggml_type in table)
     return GgufExport(path=out_path, file_type=spec.name, architecture=config.architecture,
                       tensor_count=len(table), weights=sum(math.prod(shape) for _, shape, _ in table),
@@ -384,27 +388,3 @@ def _write_tensor(writer: gguf.GGUFWriter, payload: np.ndarray, directory: Path)
         raise
 
 
-def _write_atomically(writer: gguf.GGUFWriter, path: Path, tensors: Iterable[PlannedTensor], device: str,
-                      tensor_bytes: int) -> None:
-    """Write through `.NAME.PID.tmp` beside `path`, encoding and writing `tensors` one at a time
-    after the header and tensor table, then fsync it and rename it over `path`: a failed or
-    killed write leaves any previous `path` whole, and the next write of `path` removes a killed
-    writer's temp file. A full disk is one IntegrityError line."""
-    temporary = temp_path(path)
-    with reporting_full_disk(path.parent, f"the tensor data of {path.name}", tensor_bytes):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        try:
-            writer.write_header_to_file(path=temporary)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for entry in tensors:
-                _write_tensor(writer, encode_tensor(entry, device), path.parent)
-            writer.close()
-            fsync_file(temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                writer.close()
-            temporary.unlink(missing_ok=True)
-            raise
