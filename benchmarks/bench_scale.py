@@ -151,11 +151,11 @@ def tree_rss_anon(root: int) -> int:
     return total
 
 
-def measure(args: list[str], cwd: Path) -> dict[str, Any]:
-    """Run `python -m shipkit ARGS`; wall seconds, peak RssAnon of its process tree, exit code."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "shipkit", *args], cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def run_sampled(command: list[str], poll_seconds: float = POLL_SECONDS, **popen: Any
+                ) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run `command` to the end, sampling the peak RssAnon of its process tree meanwhile:
+    (the finished process with its output, that peak in bytes)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     peak = 0
     done = threading.Event()
 
@@ -163,17 +163,25 @@ def measure(args: list[str], cwd: Path) -> dict[str, Any]:
         nonlocal peak
         while not done.is_set():
             peak = max(peak, tree_rss_anon(process.pid))
-            time.sleep(POLL_SECONDS)
+            time.sleep(poll_seconds)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     stdout, stderr = process.communicate()
     done.set()
     sampler.join()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peak
+
+
+def measure(args: list[str], cwd: Path) -> dict[str, Any]:
+    """Run `python -m shipkit ARGS`; wall seconds, peak RssAnon of its process tree, exit code."""
+    started = time.perf_counter()
+    finished, peak = run_sampled([sys.executable, "-m", "shipkit", *args], cwd=cwd,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     seconds = time.perf_counter() - started
     return {"command": "shipkit " + " ".join(args), "seconds": round(seconds, 2), "peak_rss_anon_bytes": peak,
-            "peak_rss_anon_gib": round(peak / GIB, 3), "exit_code": process.returncode,
-            "output": (stdout + stderr).strip().splitlines()[-3:]}
+            "peak_rss_anon_gib": round(peak / GIB, 3), "exit_code": finished.returncode,
+            "output": (finished.stdout + finished.stderr).strip().splitlines()[-3:]}
 
 
 def prepare_tokens(work: Path, tokenizer: Path) -> Path:

@@ -14,8 +14,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from quant_helpers import gguf_tensors, llama_cpp_quantize, write_random_checkpo
 from tokenizer_helpers import special_ids, write_family_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_scale import tree_rss_anon  # noqa: E402  (one measure of memory, the benchmark's)
+from bench_scale import run_sampled  # noqa: E402  (one measure of memory, the benchmark's)
 
 from shipkit.apr import TensorSpec, apr_writer, read_apr, validate_apr, write_apr
 from shipkit.apr.convert import write_safetensors
@@ -91,22 +89,8 @@ def write_bf16_hf_folder(folder: Path, config: ModelConfig, *, shard_bytes: int 
 
 def peak_rss_anon(*args: str | Path, command: tuple[str, ...] = ("-m", "shipkit")) -> int:
     """Peak RssAnon (bytes) of `python -m shipkit ARGS` (or `python COMMAND ARGS`), which must succeed."""
-    process = subprocess.Popen([sys.executable, *command, *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_rss_anon(process.pid))
-            time.sleep(POLL_SECONDS)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, stderr = process.communicate()
-    done.set()
-    sampler.join()
-    assert process.returncode == 0, stderr[-2000:]
+    finished, peak = run_sampled([sys.executable, *command, *map(str, args)], POLL_SECONDS)
+    assert finished.returncode == 0, finished.stderr[-2000:]
     return peak
 
 
