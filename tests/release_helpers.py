@@ -156,3 +156,21 @@ def build_release_run(trained_run: Path, dest: Path, *, kl_mean: float = 0.012, 
     write_evidence(dest, "parity", parity_evidence(dest, quant.path, quant.tensor_types, kl_mean=kl_mean,
                                                    tokenizer=tokenizer))
     return dest
+
+
+# Models trained for a handful of steps predict almost uniformly: near-tied top tokens flip under
+# 4-bit rounding while KL stays ~1e-5, so these toy releases state a lower same-top floor.
+TOY_CONTRACT = """
+[contract]
+name = "toy"
+
+[parity]
+reference = "shipkit default contract, same-top loosened for untrained toy models"
+required_engines = ["torch", "llama.cpp"]
+thresholds.kl_mean = { max = 0.0625, reason = "the default small-model band" }
+thresholds.same_top_pct = { min = 70.0, reason = "near-uniform predictions of a 6-step model have near-tied top tokens" }
+thresholds.ppl_ratio = { max = 1.05, reason = "the default small-model band" }
+agreement.top1_pct = { min = 99.9, reason = "the default" }
+agreement.kl_mean = { max = 1e-4, reason = "the default" }
+tensors.rel_rmse = { max = 0.35, reason = "the default" }
+"""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hf_helpers import save_tiny_hf_model
+from release_helpers import TOY_CONTRACT
 from tokenizer_helpers import special_ids
 
 from shipkit.errors import InputError, IntegrityError
@@ -18,22 +19,6 @@ from shipkit.ship import default_config, load_ship_config, ship
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 EXAMPLE = Path(__file__).parent.parent / "examples" / "ship.toml"
 
-# Models trained for a handful of steps predict almost uniformly: near-tied top tokens flip under
-# 4-bit rounding while KL stays ~1e-5, so these toy releases state a lower same-top floor.
-TOY_CONTRACT = """
-[contract]
-name = "toy"
-
-[parity]
-reference = "shipkit default contract, same-top loosened for untrained toy models"
-required_engines = ["torch", "llama.cpp"]
-thresholds.kl_mean = { max = 0.0625, reason = "the default small-model band" }
-thresholds.same_top_pct = { min = 70.0, reason = "near-uniform predictions of a 6-step model have near-tied top tokens" }
-thresholds.ppl_ratio = { max = 1.05, reason = "the default small-model band" }
-agreement.top1_pct = { min = 99.9, reason = "the default" }
-agreement.kl_mean = { max = 1e-4, reason = "the default" }
-tensors.rel_rmse = { max = 0.35, reason = "the default" }
-"""
 
 SHIP_TOML = """
 [ship]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hubserver import HubServer
 from huggingface_hub import constants as hf_constants
+from release_helpers import TOY_CONTRACT
 
 from shipkit.errors import GateFailed, InputError
 from shipkit.imatrix import load_imatrix
@@ -27,22 +28,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TOKEN = "hf_test_7c2d4e6f8a0b1c3d5e7f9a1b3c5d7e9f"
 REPO = "shipkit-org/ladder"
 
-# tests/test_ship.py's toy contract: a handful of steps leave near-tied top tokens.
-TOY_CONTRACT = """
-[contract]
-name = "toy"
-
-[parity]
-reference = "shipkit default contract, same-top loosened for untrained toy models"
-required_engines = ["torch", "llama.cpp"]
-thresholds.kl_mean = { max = 0.0625, reason = "the default small-model band" }
-thresholds.same_top_pct = { min = 70.0, reason = "near-uniform predictions of a 6-step model have near-tied top tokens" }
-thresholds.ppl_ratio = { max = 1.05, reason = "the default small-model band" }
-agreement.top1_pct = { min = 99.9, reason = "the default" }
-agreement.kl_mean = { max = 1e-4, reason = "the default" }
-tensors.rel_rmse = { max = 0.35, reason = "the default" }
-"""
-# The same, with a Q3_K_M band no quant can meet: that file's parity line fails.
+# The toy contract with a Q3_K_M band no quant can meet: that file's parity line fails.
 STRICT_Q3_CONTRACT = TOY_CONTRACT + """
 [parity.file_types.Q3_K_M]
 reference = "a test band no quantized file can meet"
